@@ -1,0 +1,138 @@
+// Row primitives for the CPU kernels: fp32 accumulation over fp32, fp16 or bf16 storage,
+// vectorized with at::vec (AVX2 when the build enables it, portable code otherwise).
+#pragma once
+
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <c10/util/irange.h>
+
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+// The storage dtypes every op accepts (checks.h rejects the rest before dispatch).
+#define REFUSAL_DISPATCH_FLOATS(TYPE, NAME, ...)                      \
+  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) \
+                                     AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__)  \
+                                         AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
+
+namespace refusal::cpu {
+
+using FloatVec = at::vec::Vectorized<float>;
+
+// Elements handled per vector step: one fp32 vector, or one fp16/bf16 vector that widens
+// into two fp32 vectors (lo, hi).
+template <typename T>
+constexpr int64_t chunk_size() {
+  return std::is_same_v<T, float> ? FloatVec::size() : 2 * FloatVec::size();
+}
+
+template <typename T>
+inline std::tuple<FloatVec, FloatVec> load_as_float(const T* p) {
+  if constexpr (std::is_same_v<T, float>) {
+    return {FloatVec::loadu(p), FloatVec(0.f)};
+  } else {
+    return at::vec::convert_to_float<T>(at::vec::Vectorized<T>::loadu(p));
+  }
+}
+
+template <typename T>
+inline void store_from_float(T* p, const FloatVec& lo, const FloatVec& hi) {
+  if constexpr (std::is_same_v<T, float>) {
+    lo.store(p);
+  } else {
+    at::vec::convert_from_float<T>(lo, hi).store(p);
+  }
+}
+
+// sum_i v[i] * u[i], accumulated in fp32. Two chunks per step, four accumulators in all,
+// so that the FMA latency chain does not bound the loop.
+template <typename T>
+inline float dot(const T* v, const float* u, int64_t n) {
+  constexpr int64_t kChunk = chunk_size<T>();
+  constexpr int64_t kHalf = FloatVec::size();
+  FloatVec acc[4] = {FloatVec(0.f), FloatVec(0.f), FloatVec(0.f), FloatVec(0.f)};
+  auto step = [&](int64_t i, FloatVec& acc_lo, FloatVec& acc_hi) {
+    auto [lo, hi] = load_as_float(v + i);
+    acc_lo = at::vec::fmadd(lo, FloatVec::loadu(u + i), acc_lo);
+    if constexpr (!std::is_same_v<T, float>) {
+      acc_hi = at::vec::fmadd(hi, FloatVec::loadu(u + i + kHalf), acc_hi);
+    }
+  };
+  int64_t i = 0;
+  for (; i + 2 * kChunk <= n; i += 2 * kChunk) {
+    step(i, acc[0], acc[1]);
+    step(i + kChunk, acc[2], acc[3]);
+  }
+  for (; i + kChunk <= n; i += kChunk) step(i, acc[0], acc[1]);
+  float sum = at::vec::vec_reduce_all<float>(
+      [](const FloatVec& a, const FloatVec& b) { return a + b; }, (acc[0] + acc[1]) + (acc[2] + acc[3]));
+  for (; i < n; ++i) sum += static_cast<float>(v[i]) * u[i];
+  return sum;
+}
+
+// acc[i] += a * v[i], in fp32.
+template <typename T>
+inline void accumulate(float* acc, float a, const T* v, int64_t n) {
+  constexpr int64_t kChunk = chunk_size<T>();
+  const FloatVec va(a);
+  int64_t i = 0;
+  for (; i + kChunk <= n; i += kChunk) {
+    auto [lo, hi] = load_as_float(v + i);
+    at::vec::fmadd(va, lo, FloatVec::loadu(acc + i)).store(acc + i);
+    if constexpr (!std::is_same_v<T, float>) {
+      const int64_t j = i + FloatVec::size();
+      at::vec::fmadd(va, hi, FloatVec::loadu(acc + j)).store(acc + j);
+    }
+  }
+  for (; i < n; ++i) acc[i] += a * static_cast<float>(v[i]);
+}
+
+// v[i] -= a * u[i], computed in fp32 and rounded once to T.
+template <typename T>
+inline void subtract_scaled(T* v, float a, const float* u, int64_t n) {
+  constexpr int64_t kChunk = chunk_size<T>();
+  const FloatVec va(a);
+  int64_t i = 0;
+  for (; i + kChunk <= n; i += kChunk) {
+    auto [lo, hi] = load_as_float(v + i);
+    lo = at::vec::fnmadd(va, FloatVec::loadu(u + i), lo);
+    if constexpr (!std::is_same_v<T, float>) {
+      hi = at::vec::fnmadd(va, FloatVec::loadu(u + i + FloatVec::size()), hi);
+    }
+    store_from_float(v + i, lo, hi);
+  }
+  for (; i < n; ++i) v[i] = static_cast<T>(static_cast<float>(v[i]) - a * u[i]);
+}
+
+// Element offset of each slice of `t` over its leading dims (all but the last `inner_dims`),
+// for tensors whose leading dims have arbitrary strides (slices of bigger buffers).
+class SliceOffsets {
+ public:
+  SliceOffsets(const at::Tensor& t, int64_t inner_dims)
+      : sizes_(t.sizes().begin(), t.sizes().end() - inner_dims),
+        strides_(t.strides().begin(), t.strides().end() - inner_dims) {}
+
+  int64_t count() const { return c10::multiply_integers(sizes_); }
+
+  int64_t offset(int64_t flat) const {
+    int64_t result = 0;
+    for (int64_t dim = static_cast<int64_t>(sizes_.size()) - 1; dim >= 0; --dim) {
+      result += (flat % sizes_[dim]) * strides_[dim];
+      flat /= sizes_[dim];
+    }
+    return result;
+  }
+
+ private:
+  std::vector<int64_t> sizes_;
+  std::vector<int64_t> strides_;
+};
+
+// Each row of `directions` ([K, d] or [d]) divided by its fp32 norm, as contiguous fp32.
+// This is where the CPU path checks data: a zero or non-finite row raises ValueError.
+at::Tensor normalized_rows(const at::Tensor& directions, const char* name);
+
+}  // namespace refusal::cpu

@@ -1,0 +1,22 @@
+"""refusal_kernels: find the refusal direction of a chat model and remove it, fast.
+
+The ops follow "Refusal in Language Models Is Mediated by a Single Direction" (Arditi et al.,
+2024): directional ablation x <- x - (x.r)r of every residual-stream write, and weight
+orthogonalization W <- W - r(r^T W) of every matrix that writes into the residual stream.
+"""
+
+from . import _ops, reference
+from .backends import get_backend, set_backend
+from .ops import ablate, ablate_, ablate_indexed_, orthogonalize_
+
+__all__ = [
+    "_ops",
+    "ablate",
+    "ablate_",
+    "ablate_indexed_",
+    "get_backend",
+    "orthogonalize_",
+    "reference",
+    "set_backend",
+]
+__version__ = "0.1.0"

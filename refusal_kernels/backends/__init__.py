@@ -1,0 +1,73 @@
+"""Which kernel runs an op.
+
+CPU tensors always run the C++ CPU kernel. CUDA tensors run the CUDA C++ kernels when the
+extension was built with them, and the Triton kernels otherwise. `set_backend` or the
+environment variable REFUSAL_KERNELS_BACKEND overrides the choice for GPU tensors:
+
+  "cuda"    the CUDA C++ kernels (an error if this build has none)
+  "triton"  the Triton kernels
+  "torch"   the pure-PyTorch reference, in place (any device)
+"""
+
+from __future__ import annotations
+
+import os
+from types import ModuleType
+
+from .. import _ops
+
+BACKENDS = ("cuda", "triton", "torch")
+ENV_VAR = "REFUSAL_KERNELS_BACKEND"
+
+_choice: str | None = None
+
+
+def _validated(name: str | None, source: str) -> str | None:
+    if name in (None, "", "auto"):
+        return None
+    if name not in BACKENDS:
+        raise ValueError(f"{source} must be one of {BACKENDS} or 'auto', got {name!r}")
+    return name
+
+
+def set_backend(name: str | None) -> None:
+    """Choose the backend for GPU tensors; None or "auto" restores the default choice."""
+    global _choice
+    _choice = _validated(name, "backend")
+
+
+def get_backend() -> str:
+    """The backend that GPU tensors use now."""
+    chosen = _choice or _validated(os.environ.get(ENV_VAR), ENV_VAR)
+    if chosen is not None:
+        return chosen
+    return "cuda" if has_cuda_kernels() else "triton"
+
+
+def has_cuda_kernels() -> bool:
+    """Whether this build of the extension contains the CUDA C++ kernels."""
+    return all(_ops.has_kernel(op, "CUDA") for op in _ops.OPS)
+
+
+def for_device(device_type: str) -> ModuleType:
+    """The module whose ablate_/ablate_indexed_/orthogonalize_ run on this device type."""
+    if device_type == "cpu":
+        from . import native
+
+        return native
+    backend = get_backend() if device_type == "cuda" else "torch"
+    if backend == "cuda":
+        if not has_cuda_kernels():
+            raise RuntimeError(
+                "backend 'cuda' was chosen but this build has no CUDA kernels; rebuild with a CUDA toolkit"
+            )
+        from . import native
+
+        return native
+    if backend == "triton":
+        from . import triton
+
+        return triton
+    from . import torch_reference
+
+    return torch_reference
