@@ -23,6 +23,10 @@ from . import _C  # noqa: F401  (registers the schemas and the C++ kernels)
 
 OPS = ("ablate", "ablate_indexed", "orthogonalize")
 
+# Device types whose dispatcher entry always has a kernel: the C++ CPU kernel, and for CUDA
+# either the CUDA C++ kernels or, when the build has none, the Triton ones.
+KERNEL_DEVICES = ("cpu", "cuda")
+
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 

@@ -16,9 +16,11 @@ from . import _ops, backends, reference
 _checked_versions = WeakIdKeyDictionary()
 
 
-def _check_data_once(t: torch.Tensor, name: str, find_problem) -> None:
-    if t.device.type == "cpu" or torch.compiler.is_compiling():
-        return  # the CPU kernel checks the data itself; a traced graph has no data to check
+def _check_data_once(t: torch.Tensor, name: str, find_problem, target: torch.Tensor) -> None:
+    if target.device.type in ("cpu", "meta") or t.device != target.device or torch.compiler.is_compiling():
+        # The CPU kernel checks the data itself; the kernels' metadata checks report a
+        # device mismatch; a traced graph has no data to check.
+        return
     if _checked_versions.get(t) == t._version:
         return
     problem = find_problem(t)
@@ -46,7 +48,7 @@ def ablate_(x: torch.Tensor, direction: torch.Tensor, scale: float = 1.0) -> tor
     Returns:
         x, for chaining.
     """
-    _check_data_once(direction, "direction", _nonzero_finite_rows)
+    _check_data_once(direction, "direction", _nonzero_finite_rows, x)
     backends.for_device(x.device.type).ablate_(x, direction, scale)
     return x
 
@@ -64,8 +66,8 @@ def ablate_indexed_(x: torch.Tensor, directions: torch.Tensor, index: torch.Tens
     Returns:
         x, for chaining.
     """
-    _check_data_once(directions, "directions", _nonzero_finite_rows)
-    _check_data_once(index, "index", lambda i: _index_problem(i, directions.shape[0]))
+    _check_data_once(directions, "directions", _nonzero_finite_rows, x)
+    _check_data_once(index, "index", lambda i: _index_problem(i, directions.shape[0]), x)
     backends.for_device(x.device.type).ablate_indexed_(x, directions, index, scale)
     return x
 
@@ -93,15 +95,15 @@ def orthogonalize_(weight: torch.Tensor, direction: torch.Tensor, scale: float =
     Returns:
         weight, for chaining.
     """
-    _check_data_once(direction, "direction", _nonzero_finite_rows)
+    _check_data_once(direction, "direction", _nonzero_finite_rows, weight)
     backends.for_device(weight.device.type).orthogonalize_(weight, direction, scale)
     return weight
 
 
 def ablate(x: torch.Tensor, direction: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
     """Out-of-place `ablate_`: a new contiguous tensor; differentiable with respect to x."""
-    _check_data_once(direction, "direction", _nonzero_finite_rows)
-    if _ops.has_kernel("ablate", x.device.type.upper()):
+    _check_data_once(direction, "direction", _nonzero_finite_rows, x)
+    if x.device.type in _ops.KERNEL_DEVICES:
         return torch.ops.refusal.ablated(x, direction, scale)
     _ops.check_ablate(x, direction, scale)
     return reference.ablate(x, direction, scale)

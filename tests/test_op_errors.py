@@ -1,0 +1,197 @@
+"""Bad input: a ValueError or TypeError naming the argument, and the target left bit-for-bit."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import refusal_kernels as rk
+
+D = 8
+
+
+def rows():
+    return torch.randn(4, D)
+
+
+def weight():
+    return torch.randn(D, 5)
+
+
+def good_index():
+    return torch.tensor([0, 1, -1, 0])
+
+
+CASES = {
+    "ablate: direction too long": (rows, lambda ops, x: ops.ablate_(x, torch.randn(D + 1)), ValueError, "direction"),
+    "ablate: direction 2-D": (rows, lambda ops, x: ops.ablate_(x, torch.randn(1, D)), ValueError, "direction"),
+    "ablate: zero direction": (rows, lambda ops, x: ops.ablate_(x, torch.zeros(D)), ValueError, "direction"),
+    "ablate: NaN direction": (
+        rows,
+        lambda ops, x: ops.ablate_(x, torch.full((D,), float("nan"))),
+        ValueError,
+        "direction",
+    ),
+    "ablate: Inf direction": (
+        rows,
+        lambda ops, x: ops.ablate_(x, torch.tensor([float("inf")] + [0.0] * (D - 1))),
+        ValueError,
+        "direction",
+    ),
+    "ablate: integer direction": (
+        rows,
+        lambda ops, x: ops.ablate_(x, torch.ones(D, dtype=torch.int64)),
+        TypeError,
+        "direction",
+    ),
+    "ablate: integer x": (
+        lambda: torch.ones(4, D, dtype=torch.int32),
+        lambda ops, x: ops.ablate_(x, torch.randn(D)),
+        TypeError,
+        "x",
+    ),
+    "ablate: bool x": (
+        lambda: torch.ones(4, D, dtype=torch.bool),
+        lambda ops, x: ops.ablate_(x, torch.randn(D)),
+        TypeError,
+        "x",
+    ),
+    "ablate: complex x": (
+        lambda: torch.randn(4, D, dtype=torch.complex64),
+        lambda ops, x: ops.ablate_(x, torch.randn(D)),
+        TypeError,
+        "x",
+    ),
+    "ablate: float64 x": (
+        lambda: torch.randn(4, D, dtype=torch.float64),
+        lambda ops, x: ops.ablate_(x, torch.randn(D)),
+        TypeError,
+        "x",
+    ),
+    "ablate: direction on another device": (
+        rows,
+        lambda ops, x: ops.ablate_(x, torch.randn(D, device="meta")),
+        ValueError,
+        "direction",
+    ),
+    "ablate: last-dim stride 2": (
+        lambda: torch.randn(4, 2 * D),
+        lambda ops, x: ops.ablate_(x[:, ::2], torch.randn(D)),
+        ValueError,
+        "stride",
+    ),
+    "ablate: overlapping rows": (
+        lambda: torch.randn(1, D),
+        lambda ops, x: ops.ablate_(x.expand(4, D), torch.randn(D)),
+        ValueError,
+        "overlap",
+    ),
+    "ablate: NaN scale": (rows, lambda ops, x: ops.ablate_(x, torch.randn(D), float("nan")), ValueError, "scale"),
+    "ablate: infinite scale": (rows, lambda ops, x: ops.ablate_(x, torch.randn(D), float("inf")), ValueError, "scale"),
+    "ablate_indexed: directions 1-D": (
+        rows,
+        lambda ops, x: ops.ablate_indexed_(x, torch.randn(D), good_index()),
+        ValueError,
+        "directions",
+    ),
+    "ablate_indexed: directions wrong width": (
+        rows,
+        lambda ops, x: ops.ablate_indexed_(x, torch.randn(2, D - 1), good_index()),
+        ValueError,
+        "directions",
+    ),
+    "ablate_indexed: one zero direction": (
+        rows,
+        lambda ops, x: ops.ablate_indexed_(x, torch.stack([torch.randn(D), torch.zeros(D)]), good_index()),
+        ValueError,
+        "directions",
+    ),
+    "ablate_indexed: index too large": (
+        rows,
+        lambda ops, x: ops.ablate_indexed_(x, torch.randn(2, D), torch.tensor([0, 1, 2, 0])),
+        ValueError,
+        "index",
+    ),
+    "ablate_indexed: index below -1": (
+        rows,
+        lambda ops, x: ops.ablate_indexed_(x, torch.randn(2, D), torch.tensor([0, -2, 1, 0])),
+        ValueError,
+        "index",
+    ),
+    "ablate_indexed: int32 index": (
+        rows,
+        lambda ops, x: ops.ablate_indexed_(x, torch.randn(2, D), good_index().int()),
+        TypeError,
+        "index",
+    ),
+    "ablate_indexed: index wrong shape": (
+        rows,
+        lambda ops, x: ops.ablate_indexed_(x, torch.randn(2, D), torch.tensor([0, 1])),
+        ValueError,
+        "index",
+    ),
+    "ablate_indexed: index on another device": (
+        rows,
+        lambda ops, x: ops.ablate_indexed_(x, torch.randn(2, D), good_index().to("meta")),
+        ValueError,
+        "index",
+    ),
+    "orthogonalize: 1-D weight": (
+        lambda: torch.randn(D),
+        lambda ops, w: ops.orthogonalize_(w, torch.randn(D)),
+        ValueError,
+        "weight",
+    ),
+    "orthogonalize: direction of d_in": (
+        weight,
+        lambda ops, w: ops.orthogonalize_(w, torch.randn(5)),
+        ValueError,
+        "direction",
+    ),
+    "orthogonalize: zero direction": (
+        weight,
+        lambda ops, w: ops.orthogonalize_(w, torch.zeros(D)),
+        ValueError,
+        "direction",
+    ),
+    "orthogonalize: integer weight": (
+        lambda: torch.ones(D, 5, dtype=torch.int8),
+        lambda ops, w: ops.orthogonalize_(w, torch.randn(D)),
+        TypeError,
+        "weight",
+    ),
+    "orthogonalize: NaN scale": (
+        weight,
+        lambda ops, w: ops.orthogonalize_(w, torch.randn(D), float("nan")),
+        ValueError,
+        "scale",
+    ),
+    "orthogonalize: transposed weight": (
+        lambda: torch.randn(5, D),
+        lambda ops, w: ops.orthogonalize_(w.t(), torch.randn(D)),
+        ValueError,
+        "stride",
+    ),
+}
+
+
+# The same checks hold for the public API and for the C++ kernels called through the dispatcher.
+ENTRY_POINTS = {
+    "api": rk,
+    "torch.ops": SimpleNamespace(
+        ablate_=torch.ops.refusal.ablate,
+        ablate_indexed_=torch.ops.refusal.ablate_indexed,
+        orthogonalize_=torch.ops.refusal.orthogonalize,
+    ),
+}
+
+
+@pytest.mark.parametrize("case", CASES, ids=list(CASES))
+@pytest.mark.parametrize("entry_point", ENTRY_POINTS)
+def test_bad_input_raises_and_leaves_target(case, entry_point):
+    make_target, call, error, named = CASES[case]
+    target = make_target()
+    before = target.clone()
+    with pytest.raises(error, match=named):
+        call(ENTRY_POINTS[entry_point], target)
+    assert torch.equal(target, before)

@@ -1,0 +1,68 @@
+"""Algebraic properties of the ops on random shapes and strides (hypothesis)."""
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import refusal_kernels as rk
+
+SETTINGS = settings(max_examples=40, deadline=None)
+
+
+@st.composite
+def rows_and_direction(draw):
+    """A float32 tensor of random leading shape whose rows may be slices of a wider buffer."""
+    leading = draw(st.lists(st.integers(1, 5), min_size=0, max_size=3))
+    d = draw(st.integers(1, 70))
+    pad = draw(st.integers(0, 4))
+    seed = draw(st.integers(0, 2**31 - 1))
+    generator = torch.Generator().manual_seed(seed)
+    buffer = torch.randn(*leading, d + pad, generator=generator, dtype=torch.float64).float()
+    x = buffer[..., pad : pad + d] if pad else buffer
+    direction = torch.randn(d, generator=generator)
+    return x, direction
+
+
+def unit(direction):
+    return direction / direction.norm()
+
+
+@SETTINGS
+@given(rows_and_direction())
+def test_ablate_removes_the_component(case):
+    x, direction = case
+    scale_of = x.abs().amax().item() + 1
+    rk.ablate_(x, direction)
+    assert (x @ unit(direction)).abs().max() <= 1e-5 * scale_of * x.shape[-1] ** 0.5
+
+
+@SETTINGS
+@given(rows_and_direction())
+def test_ablate_is_idempotent(case):
+    x, direction = case
+    rk.ablate_(x, direction)
+    once = x.clone()
+    rk.ablate_(x, direction)
+    torch.testing.assert_close(x, once, rtol=1e-5, atol=1e-5)
+
+
+@SETTINGS
+@given(rows_and_direction())
+def test_reflecting_twice_restores(case):
+    x, direction = case
+    before = x.clone()
+    rk.ablate_(x, direction, 2.0)
+    rk.ablate_(x, direction, 2.0)
+    torch.testing.assert_close(x, before, rtol=1e-5, atol=1e-5)
+
+
+@SETTINGS
+@given(rows_and_direction())
+def test_orthogonalize_is_ablate_on_the_transpose(case):
+    x, _ = case
+    weight = x.reshape(-1, x.shape[-1]) if x.dim() != 2 else x
+    direction = torch.randn(weight.shape[0])
+    by_columns = rk.ablate(weight.t().contiguous(), direction).t()
+    rk.orthogonalize_(weight, direction)
+    torch.testing.assert_close(weight, by_columns, rtol=1e-5, atol=1e-5)
+    assert (unit(direction) @ weight).abs().max() <= 1e-4 * (1 + weight.abs().amax().item())
