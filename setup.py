@@ -64,8 +64,11 @@ def _cpu_flags() -> list[str]:
             cpu = f.read()
     except OSError:
         return flags
-    if all(f" {flag}" in cpu for flag in ("avx2", "fma", "f16c")):
-        # at::vec selects its AVX2 specializations from these macros.
+    if all(f" {flag}" in cpu for flag in ("avx512f", "avx512bw", "avx512vl", "avx512dq", "fma", "f16c")):
+        # at::vec selects its AVX512 specializations from these macros.
+        flags += ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"]
+        flags += ["-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"]
+    elif all(f" {flag}" in cpu for flag in ("avx2", "fma", "f16c")):
         flags += ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
     return flags
 

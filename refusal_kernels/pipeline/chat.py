@@ -1,0 +1,87 @@
+"""Chat-template plumbing shared by every stage: prompts in, left-padded token batches out.
+
+Left padding puts the post-instruction tokens (the paper's "eoi" tokens: what the template
+appends after the user's text) at the same negative positions in every row, so each stage
+reads them as `hidden[:, -n:, :]` without per-row bookkeeping.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+# Two instructions that share no trailing characters, so the common suffix of their
+# rendered templates is exactly what the template adds after the user's text.
+_PROBES = ("Name three colours of the rainbow?", "zq 7 unrelated request xx")
+
+
+def render(tokenizer, instructions: Sequence[str]) -> list[str]:
+    """Each instruction as a single user turn, with the generation prompt appended."""
+    return [
+        tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False)
+        for text in instructions
+    ]
+
+
+def encode(tokenizer, texts: Sequence[str]) -> list[list[int]]:
+    # The template already holds the special tokens (BOS, role markers) as text.
+    return tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+
+
+def post_instruction_ids(tokenizer) -> list[int]:
+    """The token ids the chat template appends after any user instruction."""
+    first, second = encode(tokenizer, render(tokenizer, _PROBES))
+    n = 0
+    while n < min(len(first), len(second)) and first[-1 - n] == second[-1 - n]:
+        n += 1
+    if n == 0:
+        raise ValueError("the tokenizer's chat template appends no tokens after the instruction")
+    return first[len(first) - n :]
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor  # [B, T] int64, left-padded
+    attention_mask: torch.Tensor  # [B, T] int64
+    rows: list[int]  # which prompts of the caller's list this batch holds, in row order
+
+    def to(self, device) -> Batch:
+        return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.rows)
+
+    def model_inputs(self) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
+
+
+def pad_id(tokenizer) -> int:
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
+        if candidate is not None:
+            return candidate
+    raise AssertionError("unreachable")
+
+
+def left_padded(token_lists: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max((len(t) for t in token_lists), default=0)
+    ids = torch.full((len(token_lists), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(token_lists), width), dtype=torch.long)
+    for row, tokens in enumerate(token_lists):
+        if tokens:
+            ids[row, width - len(tokens) :] = torch.tensor(tokens)
+            mask[row, width - len(tokens) :] = 1
+    return ids, mask
+
+
+def batches(tokenizer, instructions: Sequence[str], batch_size: int) -> Iterator[Batch]:
+    """Left-padded batches of the rendered instructions.
+
+    Prompts of similar length share a batch (sorted by length), which keeps padding, and so
+    wasted compute, small; `Batch.rows` maps each row back to the caller's order.
+    """
+    token_lists = encode(tokenizer, render(tokenizer, instructions))
+    order = sorted(range(len(token_lists)), key=lambda i: len(token_lists[i]))
+    pad = pad_id(tokenizer)
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        ids, mask = left_padded([token_lists[i] for i in rows], pad)
+        yield Batch(ids, mask, rows)

@@ -1,0 +1,115 @@
+"""`DirectionResult`: the selected direction with its evidence, and how it is saved.
+
+Files written by `DirectionResult.save(out_dir)`:
+  direction.pt     tensors and metadata, loadable with torch.load(weights_only=True)
+  direction.json   the same metadata, the per-candidate scores, timings and pass counts
+  heatmaps.png     bypass, induce and KL over layer x position, as in the paper's figures
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+SCORE_NAMES = ("bypass", "induce", "kl")
+
+
+@dataclass
+class DirectionResult:
+    direction: torch.Tensor  # [d_model] float32: mean_harmful - mean_harmless at (layer, position)
+    layer: int
+    position: int  # a negative index into the post-instruction tokens, -n_positions .. -1
+    n_layers: int
+    positions: list[int]
+    scores: dict[str, torch.Tensor]  # name -> [n_layers, n_positions] float32, NaN where unscored
+    refusal_tokens: list[int]
+    filtered: dict[str, int] = field(default_factory=dict)  # filter -> candidates it removed
+    timings: dict[str, float] = field(default_factory=dict)  # stage -> seconds
+    forward_passes: dict[str, int] = field(default_factory=dict)  # "used", "exhaustive"
+    source: str = ""
+
+    def score(self, name: str) -> float:
+        return float(self.scores[name][self.layer, self.positions.index(self.position)])
+
+    def metadata(self) -> dict:
+        meta = {k: v for k, v in asdict(self).items() if k not in ("direction", "scores")}
+        meta["selected"] = {name: self.score(name) for name in SCORE_NAMES}
+        meta["scores"] = {name: _nan_to_none(t.tolist()) for name, t in self.scores.items()}
+        meta["direction_norm"] = float(self.direction.norm())
+        return meta
+
+    def save(self, out_dir: str | os.PathLike) -> Path:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        _atomic_write(out / "direction.pt", lambda f: torch.save(self._payload(), f))
+        _atomic_write(out / "direction.json", lambda f: f.write(json.dumps(self.metadata(), indent=2).encode()))
+        _atomic_write(out / "heatmaps.png", lambda f: plot_heatmaps(self, f))
+        return out
+
+    def _payload(self) -> dict:
+        return {
+            "direction": self.direction,
+            "layer": self.layer,
+            "position": self.position,
+            "n_layers": self.n_layers,
+            "positions": self.positions,
+            "scores": self.scores,
+            "refusal_tokens": self.refusal_tokens,
+            "source": self.source,
+        }
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> DirectionResult:
+        """Reads a direction.pt (or the directory holding one)."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / "direction.pt"
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+        return cls(**payload)
+
+
+def _nan_to_none(rows):
+    return [[None if isinstance(v, float) and math.isnan(v) else v for v in row] for row in rows]
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Write through a temporary file in the same directory, then rename over `path`."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def plot_heatmaps(result: DirectionResult, file) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    titles = {
+        "bypass": "refusal score, direction ablated (harmful)",
+        "induce": "refusal score, direction added (harmless)",
+        "kl": "KL(base || ablated) (harmless)",
+    }
+    fig, axes = plt.subplots(len(SCORE_NAMES), 1, figsize=(10, 2.2 * len(SCORE_NAMES)), constrained_layout=True)
+    for ax, name in zip(axes, SCORE_NAMES, strict=True):
+        image = ax.imshow(result.scores[name].T.numpy(), aspect="auto", cmap="viridis", origin="lower")
+        ax.set_title(titles[name], fontsize=10)
+        ax.set_yticks(range(len(result.positions)), [str(p) for p in result.positions])
+        ax.set_ylabel("position")
+        ax.plot([result.layer], [result.positions.index(result.position)], marker="*", color="red", markersize=12)
+        fig.colorbar(image, ax=ax)
+    axes[-1].set_xlabel("layer (blank: not scored, pruned or filtered)")
+    fig.suptitle(f"{result.source or 'model'}: selected layer {result.layer}, position {result.position}")
+    fig.savefig(file, format="png", dpi=110)
+    plt.close(fig)

@@ -1,0 +1,194 @@
+"""Batched scoring of candidate directions: many candidates per forward pass.
+
+Each batch row carries its own candidate: a prompt batch is repeated once per candidate in a
+chunk, and the hooks ablate (with `ablate_indexed_`) or add the row's candidate. Only the
+last position's logits are computed (`logits_to_keep=1`).
+
+`Sites` says where the residual stream is written: each decoder layer's input, and each
+module whose output is added to the residual stream (attention and MLP, or their post-norms).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .. import ops
+from . import chat, judge
+
+
+@dataclass
+class Sites:
+    layers: Sequence[nn.Module]  # decoder layers: their input is the residual stream
+    writers: Sequence[nn.Module]  # modules whose output is added to the residual stream
+
+
+def _first_tensor(value) -> torch.Tensor:
+    return value[0] if isinstance(value, tuple) else value
+
+
+@dataclass
+class _RowCandidates:
+    """The candidates of the current batch: directions [K, d] and one index per batch row."""
+
+    directions: torch.Tensor | None = None
+    index: torch.Tensor | None = None
+    by_device: dict = field(default_factory=dict)
+
+    def on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        # device_map models spread layers over devices: keep one copy per device per batch.
+        if device not in self.by_device:
+            self.by_device[device] = (self.directions.to(device), self.index.to(device))
+        return self.by_device[device]
+
+    def set(self, directions: torch.Tensor, index: torch.Tensor) -> None:
+        self.directions, self.index, self.by_device = directions, index, {}
+
+
+@contextmanager
+def row_ablation(sites: Sites, current: _RowCandidates) -> Iterator[None]:
+    """Ablate each row's candidate at every layer input and every residual write."""
+
+    def ablate(hidden: torch.Tensor) -> None:
+        directions, index = current.on(hidden.device)
+        ops.ablate_indexed_(hidden, directions, index)
+
+    def before_layer(module, args, kwargs):
+        ablate(args[0] if args else kwargs["hidden_states"])
+
+    def after_writer(module, args, output):
+        ablate(_first_tensor(output))
+
+    handles = [layer.register_forward_pre_hook(before_layer, with_kwargs=True) for layer in sites.layers]
+    handles += [writer.register_forward_hook(after_writer) for writer in sites.writers]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextmanager
+def row_addition(sites: Sites, layer_of_row: list[torch.Tensor], vectors: list[torch.Tensor]) -> Iterator[None]:
+    """Add vectors[l] (one per row in layer_of_row[l]) to the input of layer l, all positions."""
+
+    def adder(layer_index: int):
+        def hook(module, args, kwargs):
+            rows, add = layer_of_row[layer_index], vectors[layer_index]
+            if rows.numel():
+                hidden = args[0] if args else kwargs["hidden_states"]
+                hidden[rows.to(hidden.device)] += add.to(hidden.device, hidden.dtype)[:, None, :]
+
+        return hook
+
+    handles = [layer.register_forward_pre_hook(adder(i), with_kwargs=True) for i, layer in enumerate(sites.layers)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+class Scorer:
+    """Scores candidates on prompt sets; counts every sequence it forwards."""
+
+    def __init__(
+        self, model: nn.Module, tokenizer, sites: Sites, refusal_tokens: Sequence[int], *, batch_size: int = 32
+    ):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.sites = sites
+        self.refusal_tokens = list(refusal_tokens)
+        self.batch_size = batch_size
+        self.sequences = 0
+        self.device = next(model.parameters()).device
+
+    @torch.inference_mode()
+    def last_logits(self, instructions: Sequence[str]) -> torch.Tensor:
+        """Unmodified next-token logits [N, vocab] float32 (CPU), in the caller's order."""
+        out = torch.empty(0)
+        for batch in chat.batches(self.tokenizer, instructions, self.batch_size):
+            logits = self._forward(batch.input_ids, batch.attention_mask)
+            if out.numel() == 0:
+                out = torch.empty(len(instructions), logits.shape[-1])
+            out[batch.rows] = logits
+        return out
+
+    def _forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        self.sequences += input_ids.shape[0]
+        out = self.model(
+            input_ids=input_ids.to(self.device),
+            attention_mask=attention_mask.to(self.device),
+            use_cache=False,
+            logits_to_keep=1,
+        )
+        return out.logits[:, -1, :].float().cpu()
+
+    def _per_candidate(self, instructions: Sequence[str], num_candidates: int, run_chunk) -> torch.Tensor:
+        """Evaluates every (candidate, prompt) pair, about batch_size rows per forward pass.
+
+        run_chunk(row_candidate, row_prompt, input_ids, attention_mask) returns one value per
+        row; the result is the [num_candidates, len(instructions)] matrix of those values.
+        """
+        values = torch.empty(num_candidates, len(instructions))
+        prompts_per_batch = max(1, min(len(instructions), self.batch_size))
+        candidates_per_batch = max(1, self.batch_size // prompts_per_batch)
+        for batch in chat.batches(self.tokenizer, instructions, prompts_per_batch):
+            prompts = torch.tensor(batch.rows)
+            for start in range(0, num_candidates, candidates_per_batch):
+                ids = torch.arange(start, min(start + candidates_per_batch, num_candidates))
+                row_candidate = ids.repeat_interleave(len(prompts))
+                row_prompt = prompts.repeat(len(ids))
+                input_ids = batch.input_ids.repeat(len(ids), 1)
+                mask = batch.attention_mask.repeat(len(ids), 1)
+                values[row_candidate, row_prompt] = run_chunk(row_candidate, row_prompt, input_ids, mask)
+        return values
+
+    def _ablated_logits(self, candidates: torch.Tensor, row_candidate, input_ids, mask) -> torch.Tensor:
+        current = _RowCandidates()
+        current.set(candidates, row_candidate)
+        with row_ablation(self.sites, current):
+            return self._forward(input_ids, mask)
+
+    @torch.inference_mode()
+    def bypass(self, candidates: torch.Tensor, instructions: Sequence[str]) -> torch.Tensor:
+        """Mean refusal score with each candidate ablated everywhere: [K]."""
+
+        def run(row_candidate, row_prompt, input_ids, mask):
+            logits = self._ablated_logits(candidates, row_candidate, input_ids, mask)
+            return judge.refusal_score(logits, self.refusal_tokens)
+
+        return self._per_candidate(instructions, len(candidates), run).mean(1)
+
+    @torch.inference_mode()
+    def kl(self, candidates: torch.Tensor, instructions: Sequence[str], base_logits: torch.Tensor) -> torch.Tensor:
+        """Mean last-token KL(base || ablated) with each candidate ablated: [K].
+
+        base_logits: [len(instructions), vocab], from `last_logits` (computed once).
+        """
+        base_log_probs = torch.log_softmax(base_logits.float(), dim=-1)
+
+        def run(row_candidate, row_prompt, input_ids, mask):
+            log_q = torch.log_softmax(self._ablated_logits(candidates, row_candidate, input_ids, mask), dim=-1)
+            log_p = base_log_probs[row_prompt]
+            return (log_p.exp() * (log_p - log_q)).sum(-1)
+
+        return self._per_candidate(instructions, len(candidates), run).mean(1)
+
+    @torch.inference_mode()
+    def induce(self, candidates: torch.Tensor, layers: Sequence[int], instructions: Sequence[str]) -> torch.Tensor:
+        """Mean refusal score with each candidate added at its layer's input: [K]."""
+        candidate_layer = torch.tensor(layers)
+
+        def run(row_candidate, row_prompt, input_ids, mask):
+            row_layer = candidate_layer[row_candidate]
+            rows_of = [torch.nonzero(row_layer == layer).flatten() for layer in range(len(self.sites.layers))]
+            vectors = [candidates[row_candidate[rows]] for rows in rows_of]
+            with row_addition(self.sites, rows_of, vectors):
+                return judge.refusal_score(self._forward(input_ids, mask), self.refusal_tokens)
+
+        return self._per_candidate(instructions, len(candidates), run).mean(1)

@@ -1,0 +1,233 @@
+"""`find_direction`: the paper's pipeline, from two prompt sets to a selected direction.
+
+1. capture: mean residual activation at every layer input and post-instruction position,
+   for harmful and harmless training prompts; candidates r(l, p) = harmful - harmless.
+2. refusal tokens: first tokens of the model's greedy refusals to harmful training prompts.
+3. score: bypass (refusal score on harmful prompts with r ablated everywhere), then, for the
+   best candidates, KL on harmless prompts (ablated vs base) and induce (refusal score on
+   harmless prompts with r added at its layer).
+4. select: drop layers >= 0.8 L, KL > 0.1 and induce <= 0; take the lowest bypass.
+
+Speed comes from scoring many candidates per forward pass (each row carries its own), from
+successive halving on bypass (every candidate on a few prompts, the best fraction on more),
+and from computing baseline logits once. Exhaustive scoring (every metric for every candidate
+on every validation prompt) is available for comparison.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from . import capture, chat, judge
+from .report import SCORE_NAMES, DirectionResult
+from .scoring import Scorer, Sites
+
+
+class NoCandidateError(RuntimeError):
+    """No candidate survived the filters; the message says which filter removed what."""
+
+
+@dataclass
+class SelectionOptions:
+    n_train: int = 128  # prompts of each kind for the means
+    n_val: int = 32  # prompts of each kind for scoring
+    max_layer_fraction: float = 0.8  # keep layers < fraction * n_layers
+    kl_threshold: float = 0.1  # keep KL <= this
+    induce_threshold: float = 0.0  # keep induce > this
+    halving_prompts: tuple[int, ...] = (4, 8, 16)  # bypass prompts per halving round
+    keep_fraction: float = 0.25  # fraction kept after each round
+    finalists: int = 8  # candidates per chunk scored for KL and induce, best bypass first
+    exhaustive: bool = False  # score every candidate on everything (slow; for comparison)
+    batch_size: int = 32
+    refusal_tokens: Sequence[int] | None = None  # derived from the model when None
+    refusal_phrases: Sequence[str] = judge.REFUSAL_PHRASES
+    probe_prompts: int = 32  # harmful training prompts answered to find refusal tokens
+    probe_tokens: int = 12
+    seed: int = 42
+
+
+def split(prompts: Sequence[str], n_train: int, n_val: int, seed: int) -> tuple[list[str], list[str]]:
+    """A seeded, disjoint train/validation split (validation first, so it stays fixed)."""
+    shuffled = list(prompts)
+    random.Random(seed).shuffle(shuffled)
+    val = shuffled[:n_val]
+    return shuffled[n_val : n_val + n_train], val
+
+
+def find_direction(
+    model: nn.Module,
+    tokenizer,
+    harmful: Sequence[str],
+    harmless: Sequence[str],
+    *,
+    sites: Sites,
+    harmful_val: Sequence[str] | None = None,
+    harmless_val: Sequence[str] | None = None,
+    source: str = "",
+    **options,
+) -> DirectionResult:
+    """Select the refusal direction of a chat model.
+
+    Args:
+        harmful, harmless: instructions (plain text; the chat template is applied here). When
+            no validation sets are given, each is split into train and validation.
+        sites: where the residual stream is read and written (see `scoring.Sites`).
+        options: fields of `SelectionOptions`.
+    """
+    opts = SelectionOptions(**options)
+    if harmful_val is None:
+        harmful, harmful_val = split(harmful, opts.n_train, opts.n_val, opts.seed)
+    if harmless_val is None:
+        harmless, harmless_val = split(harmless, opts.n_train, opts.n_val, opts.seed)
+    harmful, harmless = list(harmful)[: opts.n_train], list(harmless)[: opts.n_train]
+    for name, prompts in (
+        ("harmful", harmful),
+        ("harmless", harmless),
+        ("harmful_val", harmful_val),
+        ("harmless_val", harmless_val),
+    ):
+        if not prompts:
+            raise ValueError(f"{name} is empty")
+    timings: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    def lap(stage: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        timings[stage] = now - clock
+        clock = now
+
+    n_layers = len(sites.layers)
+    n_positions = len(chat.post_instruction_ids(tokenizer))
+    positions = list(range(-n_positions, 0))
+    means = {
+        kind: capture.mean_activations(
+            model,
+            sites.layers,
+            tokenizer,
+            prompts,
+            n_positions=n_positions,
+            batch_size=opts.batch_size,
+            description=f"capture {kind}",
+        )
+        for kind, prompts in (("harmful", harmful), ("harmless", harmless))
+    }
+    directions = means["harmful"] - means["harmless"]  # [L, P, d]
+    lap("capture")
+
+    refusal_tokens = list(opts.refusal_tokens) if opts.refusal_tokens is not None else None
+    if refusal_tokens is None:
+        answers = judge.generate(
+            model,
+            tokenizer,
+            harmful[: opts.probe_prompts],
+            max_new_tokens=opts.probe_tokens,
+            description="refusal tokens",
+        )
+        refusal_tokens = judge.refusal_token_ids(answers, opts.refusal_phrases)
+        if not refusal_tokens:
+            raise NoCandidateError(
+                f"the model refused none of {len(answers.texts)} harmful training prompts, so it has no refusal tokens; "
+                "pass refusal_tokens=[...] or prompts it refuses"
+            )
+    lap("refusal_tokens")
+
+    scorer = Scorer(model, tokenizer, sites, refusal_tokens, batch_size=opts.batch_size)
+    base_logits = scorer.last_logits(harmless_val)
+    lap("baseline")
+
+    scores = {name: torch.full((n_layers, n_positions), math.nan) for name in SCORE_NAMES}
+    in_range = [
+        (layer, p)
+        for layer in range(n_layers)
+        if layer < opts.max_layer_fraction * n_layers
+        for p in range(n_positions)
+    ]
+    # At layer 0 the post-instruction tokens are the same embeddings in every prompt, so the
+    # difference of means there is exactly zero: nothing to ablate.
+    norms = directions.norm(dim=-1)
+    eligible = [(layer, p) for layer, p in in_range if torch.isfinite(norms[layer, p]) and norms[layer, p] > 0]
+    filtered = {"layer": n_layers * n_positions - len(in_range), "zero": len(in_range) - len(eligible)}
+
+    def candidates_of(cells):
+        return torch.stack([directions[layer, p] for layer, p in cells]).to(next(model.parameters()).device)
+
+    def record(name, cells, values):
+        for (layer, p), value in zip(cells, values.tolist(), strict=True):
+            scores[name][layer, p] = value
+
+    if opts.exhaustive:
+        ranked = eligible
+        record("bypass", ranked, scorer.bypass(candidates_of(ranked), harmful_val))
+        chunk = len(ranked)
+    else:
+        ranked = _successive_halving(scorer, eligible, candidates_of, harmful_val, opts, record)
+        chunk = opts.finalists
+    lap("bypass")
+
+    # KL and induce for the best candidates by bypass, a chunk at a time, until one passes.
+    passing, scored = [], []
+    for start in range(0, len(ranked), chunk):
+        cells = ranked[start : start + chunk]
+        record("kl", cells, scorer.kl(candidates_of(cells), harmless_val, base_logits))
+        record("induce", cells, scorer.induce(candidates_of(cells), [layer for layer, _ in cells], harmless_val))
+        scored += cells
+        passing = [
+            (scores["bypass"][layer, p].item(), layer, p)
+            for layer, p in cells
+            if scores["kl"][layer, p] <= opts.kl_threshold and scores["induce"][layer, p] > opts.induce_threshold
+        ]
+        if passing:
+            break
+    lap("kl_induce")
+
+    too_far = sum(scores["kl"][layer, p].item() > opts.kl_threshold for layer, p in scored)
+    filtered["pruned_by_halving"] = len(eligible) - len(ranked)
+    filtered["kl"] = too_far
+    filtered["induce"] = len(scored) - too_far - len(passing)
+    filtered["not_reached"] = len(ranked) - len(scored)
+    exhaustive_sequences = len(eligible) * (len(harmful_val) + 2 * len(harmless_val)) + len(harmless_val)
+    if not passing:
+        raise NoCandidateError(
+            f"no candidate survived: {filtered['layer']} removed for layer >= {opts.max_layer_fraction} L, "
+            f"{filtered['zero']} for a zero difference of means, "
+            f"{filtered['pruned_by_halving']} pruned on bypass, {filtered['kl']} for KL > {opts.kl_threshold}, "
+            f"{filtered['induce']} for induce <= {opts.induce_threshold}"
+        )
+    _, layer, p = min(passing)
+    return DirectionResult(
+        direction=directions[layer, p].clone(),
+        layer=layer,
+        position=positions[p],
+        n_layers=n_layers,
+        positions=positions,
+        scores=scores,
+        refusal_tokens=refusal_tokens,
+        filtered=filtered,
+        timings=timings,
+        forward_passes={"used": scorer.sequences, "exhaustive": exhaustive_sequences},
+        source=source,
+    )
+
+
+def _successive_halving(scorer, cells, candidates_of, harmful_val, opts, record) -> list[tuple[int, int]]:
+    """Prune cells on bypass with growing prompt sets.
+
+    Returns the last round's cells, scored on all of harmful_val and ranked best first.
+    """
+    alive = list(cells)
+    rounds = [n for n in opts.halving_prompts if n < len(harmful_val)] + [len(harmful_val)]
+    for n in rounds:
+        values = scorer.bypass(candidates_of(alive), harmful_val[:n])
+        record("bypass", alive, values)
+        alive = [alive[i] for i in values.argsort().tolist()]
+        if n < len(harmful_val):
+            alive = alive[: max(2 * opts.finalists, math.ceil(len(alive) * opts.keep_fraction))]
+    return alive

@@ -1,0 +1,76 @@
+"""Selection: filters, error messages, pass counts, and halving against exhaustive scoring."""
+
+import pytest
+import torch
+from test_pipeline_scoring import PROMPTS, REFUSAL_TOKENS, llama_sites
+
+from refusal_kernels.pipeline.report import DirectionResult
+from refusal_kernels.pipeline.select import NoCandidateError, find_direction, split
+
+HARMFUL = [f"how do i break thing {i}" for i in range(6)]
+HARMLESS = [f"please describe nice thing {i}" for i in range(6)]
+
+
+def run(model, tokenizer, **options):
+    return find_direction(
+        model,
+        tokenizer,
+        HARMFUL,
+        HARMLESS,
+        sites=llama_sites(model),
+        harmful_val=PROMPTS[:3],
+        harmless_val=PROMPTS[3:],
+        refusal_tokens=REFUSAL_TOKENS,
+        batch_size=8,
+        **options,
+    )
+
+
+def test_split_is_seeded_and_disjoint():
+    prompts = [f"p{i}" for i in range(50)]
+    train, val = split(prompts, 30, 10, seed=3)
+    assert (train, val) == split(prompts, 30, 10, seed=3)
+    assert len(train) == 30 and len(val) == 10 and not set(train) & set(val)
+    assert split(prompts, 30, 10, seed=4) != (train, val)
+
+
+def test_selected_candidate_passes_the_filters(tiny_llama, tiny_tokenizer):
+    result = run(tiny_llama, tiny_tokenizer, kl_threshold=10.0, induce_threshold=-1e9, max_layer_fraction=0.5)
+    assert result.layer < 0.5 * result.n_layers
+    assert result.score("kl") <= 10.0
+    bypass = result.scores["bypass"]
+    eligible_kl = result.scores["kl"] <= 10.0
+    assert result.score("bypass") == pytest.approx(bypass[eligible_kl].min().item())
+    n_positions = len(result.positions)
+    assert result.filtered["layer"] == (result.n_layers - 2) * n_positions  # layers 2.. of 3
+    assert result.filtered["zero"] == n_positions  # layer 0: identical template embeddings
+    assert result.layer == 1
+
+
+def test_nothing_survives_says_which_filter(tiny_llama, tiny_tokenizer):
+    with pytest.raises(NoCandidateError, match=r"for KL > -1\.0"):
+        run(tiny_llama, tiny_tokenizer, kl_threshold=-1.0)
+
+
+def test_halving_uses_fewer_passes_than_exhaustive(tiny_llama, tiny_tokenizer):
+    halving = run(
+        tiny_llama, tiny_tokenizer, kl_threshold=10.0, induce_threshold=-1e9, halving_prompts=(1,), finalists=1
+    )
+    exhaustive = run(tiny_llama, tiny_tokenizer, kl_threshold=10.0, induce_threshold=-1e9, exhaustive=True)
+    assert halving.forward_passes["exhaustive"] == exhaustive.forward_passes["used"]
+    assert halving.forward_passes["used"] < exhaustive.forward_passes["used"]
+    assert not torch.isnan(exhaustive.scores["kl"][1 : int(0.8 * exhaustive.n_layers) + 1]).any()  # all but layer 0
+
+
+def test_result_round_trips_through_files(tiny_llama, tiny_tokenizer, tmp_path):
+    result = run(tiny_llama, tiny_tokenizer, kl_threshold=10.0, induce_threshold=-1e9)
+    result.save(tmp_path)
+    assert {p.name for p in tmp_path.iterdir()} == {"direction.pt", "direction.json", "heatmaps.png"}
+    loaded = DirectionResult.load(tmp_path)
+    assert torch.equal(loaded.direction, result.direction)
+    assert (loaded.layer, loaded.position, loaded.refusal_tokens) == (
+        result.layer,
+        result.position,
+        result.refusal_tokens,
+    )
+    assert (tmp_path / "heatmaps.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
