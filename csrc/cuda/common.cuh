@@ -65,7 +65,9 @@ __device__ __forceinline__ Pack<T, N> subtract_scaled(const Pack<T, N>& v, float
                                                       const Pack<float, N>& u) {
   Pack<T, N> out;
 #pragma unroll
-  for (int i = 0; i < N; ++i) out.val[i] = static_cast<T>(static_cast<float>(v.val[i]) - a * u.val[i]);
+  for (int i = 0; i < N; ++i) {
+    out.val[i] = static_cast<T>(static_cast<float>(v.val[i]) - a * u.val[i]);
+  }
   return out;
 }
 
