@@ -12,11 +12,7 @@
 #include <type_traits>
 #include <vector>
 
-// The storage dtypes every op accepts (checks.h rejects the rest before dispatch).
-#define REFUSAL_DISPATCH_FLOATS(TYPE, NAME, ...)                      \
-  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) \
-                                     AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__)  \
-                                         AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
+#include "../dispatch.h"
 
 namespace refusal::cpu {
 
