@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from .. import ops
 from . import chat, judge
@@ -128,7 +129,9 @@ class Scorer:
         )
         return out.logits[:, -1, :].float().cpu()
 
-    def _per_candidate(self, instructions: Sequence[str], num_candidates: int, run_chunk) -> torch.Tensor:
+    def _per_candidate(
+        self, instructions: Sequence[str], num_candidates: int, run_chunk, description: str
+    ) -> torch.Tensor:
         """Evaluates every (candidate, prompt) pair, about batch_size rows per forward pass.
 
         run_chunk(row_candidate, row_prompt, input_ids, attention_mask) returns one value per
@@ -137,15 +140,19 @@ class Scorer:
         values = torch.empty(num_candidates, len(instructions))
         prompts_per_batch = max(1, min(len(instructions), self.batch_size))
         candidates_per_batch = max(1, self.batch_size // prompts_per_batch)
-        for batch in chat.batches(self.tokenizer, instructions, prompts_per_batch):
+        steps = [
+            (batch, start)
+            for batch in chat.batches(self.tokenizer, instructions, prompts_per_batch)
+            for start in range(0, num_candidates, candidates_per_batch)
+        ]
+        for batch, start in tqdm(steps, desc=f"{description} ({num_candidates} candidates)", leave=False):
             prompts = torch.tensor(batch.rows)
-            for start in range(0, num_candidates, candidates_per_batch):
-                ids = torch.arange(start, min(start + candidates_per_batch, num_candidates))
-                row_candidate = ids.repeat_interleave(len(prompts))
-                row_prompt = prompts.repeat(len(ids))
-                input_ids = batch.input_ids.repeat(len(ids), 1)
-                mask = batch.attention_mask.repeat(len(ids), 1)
-                values[row_candidate, row_prompt] = run_chunk(row_candidate, row_prompt, input_ids, mask)
+            ids = torch.arange(start, min(start + candidates_per_batch, num_candidates))
+            row_candidate = ids.repeat_interleave(len(prompts))
+            row_prompt = prompts.repeat(len(ids))
+            input_ids = batch.input_ids.repeat(len(ids), 1)
+            mask = batch.attention_mask.repeat(len(ids), 1)
+            values[row_candidate, row_prompt] = run_chunk(row_candidate, row_prompt, input_ids, mask)
         return values
 
     def _ablated_logits(self, candidates: torch.Tensor, row_candidate, input_ids, mask) -> torch.Tensor:
@@ -162,7 +169,7 @@ class Scorer:
             logits = self._ablated_logits(candidates, row_candidate, input_ids, mask)
             return judge.refusal_score(logits, self.refusal_tokens)
 
-        return self._per_candidate(instructions, len(candidates), run).mean(1)
+        return self._per_candidate(instructions, len(candidates), run, "bypass").mean(1)
 
     @torch.inference_mode()
     def kl(self, candidates: torch.Tensor, instructions: Sequence[str], base_logits: torch.Tensor) -> torch.Tensor:
@@ -177,7 +184,7 @@ class Scorer:
             log_p = base_log_probs[row_prompt]
             return (log_p.exp() * (log_p - log_q)).sum(-1)
 
-        return self._per_candidate(instructions, len(candidates), run).mean(1)
+        return self._per_candidate(instructions, len(candidates), run, "kl").mean(1)
 
     @torch.inference_mode()
     def induce(self, candidates: torch.Tensor, layers: Sequence[int], instructions: Sequence[str]) -> torch.Tensor:
@@ -191,4 +198,4 @@ class Scorer:
             with row_addition(self.sites, rows_of, vectors):
                 return judge.refusal_score(self._forward(input_ids, mask), self.refusal_tokens)
 
-        return self._per_candidate(instructions, len(candidates), run).mean(1)
+        return self._per_candidate(instructions, len(candidates), run, "induce").mean(1)

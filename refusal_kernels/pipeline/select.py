@@ -43,7 +43,7 @@ class SelectionOptions:
     induce_threshold: float = 0.0  # keep induce > this
     halving_prompts: tuple[int, ...] = (4, 8, 16)  # bypass prompts per halving round
     keep_fraction: float = 0.25  # fraction kept after each round
-    finalists: int = 8  # candidates per chunk scored for KL and induce, best bypass first
+    finalists: int = 4  # candidates per chunk scored for KL and induce, best bypass first
     exhaustive: bool = False  # score every candidate on everything (slow; for comparison)
     batch_size: int = 32
     refusal_tokens: Sequence[int] | None = None  # derived from the model when None
