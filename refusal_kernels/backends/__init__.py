@@ -11,8 +11,11 @@ environment variable REFUSAL_KERNELS_BACKEND overrides the choice for GPU tensor
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from types import ModuleType
+
+import torch
 
 from .. import _ops
 
@@ -44,9 +47,13 @@ def get_backend() -> str:
     return "cuda" if has_cuda_kernels() else "triton"
 
 
+# Read once, before `_register_triton_as_cuda_kernels` may fill the CUDA slots with Triton.
+_BUILD_HAS_CUDA_KERNELS = all(_ops.has_kernel(op, "CUDA") for op in _ops.OPS)
+
+
 def has_cuda_kernels() -> bool:
     """Whether this build of the extension contains the CUDA C++ kernels."""
-    return all(_ops.has_kernel(op, "CUDA") for op in _ops.OPS)
+    return _BUILD_HAS_CUDA_KERNELS
 
 
 def for_device(device_type: str) -> ModuleType:
@@ -71,3 +78,26 @@ def for_device(device_type: str) -> ModuleType:
     from . import torch_reference
 
     return torch_reference
+
+
+def _register_triton_as_cuda_kernels() -> None:
+    """Make torch.ops.refusal.* run the Triton kernels on CUDA tensors, for builds without CUDA kernels.
+
+    The Triton package is imported on the first call, not here, so importing refusal_kernels
+    stays cheap and TRITON_INTERPRET can still be set afterwards.
+    """
+
+    def triton_kernel(op: str):
+        def run(*args, **kwargs) -> None:
+            from . import triton
+
+            getattr(triton, f"{op}_")(*args, **kwargs)
+
+        return run
+
+    for op in _ops.OPS:
+        torch.library.register_kernel(f"refusal::{op}", "cuda", triton_kernel(op))
+
+
+if not _BUILD_HAS_CUDA_KERNELS and torch.version.cuda is not None and importlib.util.find_spec("triton"):
+    _register_triton_as_cuda_kernels()
