@@ -21,7 +21,7 @@ class Evaluation:
     harmful_refusal: float  # fraction of harmful prompts refused (substring judge)
     harmless_refusal: float
     kl: float | None  # mean last-prompt-token KL(baseline || this model) on harmless prompts
-    harmless_ce: float | None  # mean per-token cross-entropy on the baseline's harmless answers
+    harmless_ce: float  # mean per-token cross-entropy on the baseline's harmless answers
     harmful_answers: list[str] = field(repr=False)
     harmless_answers: list[str] = field(repr=False)
     harmless_logits: torch.Tensor = field(repr=False)  # [N, vocab] float32, last prompt token
@@ -54,12 +54,14 @@ def evaluate(
         model, tokenizer, harmless, max_new_tokens=max_new_tokens, batch_size=batch_size, description="harmless answers"
     )
     logits = last_prompt_logits(model, tokenizer, harmless, batch_size)
-    kl = ce = None
+    kl = None
     if baseline is not None:
         log_p = torch.log_softmax(baseline.harmless_logits, dim=-1)
         log_q = torch.log_softmax(logits, dim=-1)
         kl = float((log_p.exp() * (log_p - log_q)).sum(-1).mean())
-        ce = completion_cross_entropy(model, tokenizer, harmless, baseline.harmless_answers, batch_size)
+    # The base model is scored on its own answers, a modified one on the base model's.
+    reference_answers = baseline.harmless_answers if baseline is not None else harmless_answers.texts
+    ce = completion_cross_entropy(model, tokenizer, harmless, reference_answers, batch_size)
     return Evaluation(
         harmful_refusal=judge.refusal_rate(harmful_answers.texts, phrases),
         harmless_refusal=judge.refusal_rate(harmless_answers.texts, phrases),

@@ -27,6 +27,17 @@ class Sites:
     layers: Sequence[nn.Module]  # decoder layers: their input is the residual stream
     writers: Sequence[nn.Module]  # modules whose output is added to the residual stream
 
+    @classmethod
+    def of(cls, model: nn.Module) -> Sites:
+        """The sites of a transformers causal LM, from its module structure."""
+        from ..hf import families
+
+        structure = families.describe_model(model)
+        return cls(
+            layers=[layer.layer for layer in structure.layers],
+            writers=[site for layer in structure.layers for site in (layer.attention_site, layer.mlp_site)],
+        )
+
 
 def _first_tensor(value) -> torch.Tensor:
     return value[0] if isinstance(value, tuple) else value

@@ -61,13 +61,80 @@ def split(prompts: Sequence[str], n_train: int, n_val: int, seed: int) -> tuple[
     return shuffled[n_val : n_val + n_train], val
 
 
+def candidate_directions(
+    model: nn.Module, tokenizer, harmful: Sequence[str], harmless: Sequence[str], sites: Sites, batch_size: int
+) -> tuple[torch.Tensor, list[int]]:
+    """r(l, p) = mean harmful - mean harmless activation at layer l's input, position p.
+
+    Returns:
+        ([n_layers, n_positions, d_model] float32, the positions as negative indices).
+    """
+    n_positions = len(chat.post_instruction_ids(tokenizer))
+    means = [
+        capture.mean_activations(
+            model,
+            sites.layers,
+            tokenizer,
+            prompts,
+            n_positions=n_positions,
+            batch_size=batch_size,
+            description=f"capture {kind}",
+        )
+        for kind, prompts in (("harmful", harmful), ("harmless", harmless))
+    ]
+    return means[0] - means[1], list(range(-n_positions, 0))
+
+
+def direction_at(
+    model: nn.Module,
+    tokenizer,
+    harmful: Sequence[str],
+    harmless: Sequence[str],
+    *,
+    layer: int,
+    position: int,
+    sites: Sites | None = None,
+    source: str = "",
+    **options,
+) -> DirectionResult:
+    """The difference of means at a given (layer, position), without any scoring."""
+    opts = SelectionOptions(**options)
+    sites = sites or Sites.of(model)
+    n_layers = len(sites.layers)
+    if not 0 <= layer < n_layers:
+        raise ValueError(f"layer {layer} is out of range: the model has layers 0..{n_layers - 1}")
+    n_positions = len(chat.post_instruction_ids(tokenizer))
+    if not -n_positions <= position < 0:
+        raise ValueError(
+            f"position {position} is out of range: the chat template has post-instruction positions -{n_positions}..-1"
+        )
+    started = time.perf_counter()
+    directions, positions = candidate_directions(
+        model, tokenizer, list(harmful)[: opts.n_train], list(harmless)[: opts.n_train], sites, opts.batch_size
+    )
+    direction = directions[layer, positions.index(position)]
+    if not torch.isfinite(direction).all() or direction.norm() == 0:
+        raise ValueError(f"the difference of means at layer {layer}, position {position} is zero or not finite")
+    return DirectionResult(
+        direction=direction.clone(),
+        layer=layer,
+        position=position,
+        n_layers=n_layers,
+        positions=positions,
+        scores={name: torch.full((n_layers, n_positions), math.nan) for name in SCORE_NAMES},
+        refusal_tokens=[],
+        timings={"capture": time.perf_counter() - started},
+        source=source,
+    )
+
+
 def find_direction(
     model: nn.Module,
     tokenizer,
     harmful: Sequence[str],
     harmless: Sequence[str],
     *,
-    sites: Sites,
+    sites: Sites | None = None,
     harmful_val: Sequence[str] | None = None,
     harmless_val: Sequence[str] | None = None,
     source: str = "",
@@ -78,10 +145,12 @@ def find_direction(
     Args:
         harmful, harmless: instructions (plain text; the chat template is applied here). When
             no validation sets are given, each is split into train and validation.
-        sites: where the residual stream is read and written (see `scoring.Sites`).
+        sites: where the residual stream is read and written (see `scoring.Sites`); found
+            from the model's structure when None.
         options: fields of `SelectionOptions`.
     """
     opts = SelectionOptions(**options)
+    sites = sites or Sites.of(model)
     if harmful_val is None:
         harmful, harmful_val = split(harmful, opts.n_train, opts.n_val, opts.seed)
     if harmless_val is None:
@@ -104,22 +173,8 @@ def find_direction(
         timings[stage] = now - clock
         clock = now
 
-    n_layers = len(sites.layers)
-    n_positions = len(chat.post_instruction_ids(tokenizer))
-    positions = list(range(-n_positions, 0))
-    means = {
-        kind: capture.mean_activations(
-            model,
-            sites.layers,
-            tokenizer,
-            prompts,
-            n_positions=n_positions,
-            batch_size=opts.batch_size,
-            description=f"capture {kind}",
-        )
-        for kind, prompts in (("harmful", harmful), ("harmless", harmless))
-    }
-    directions = means["harmful"] - means["harmless"]  # [L, P, d]
+    directions, positions = candidate_directions(model, tokenizer, harmful, harmless, sites, opts.batch_size)
+    n_layers, n_positions = directions.shape[:2]
     lap("capture")
 
     refusal_tokens = list(opts.refusal_tokens) if opts.refusal_tokens is not None else None

