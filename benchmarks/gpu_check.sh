@@ -10,6 +10,9 @@ mkdir -p "$out_dir"
 cd "$(dirname "$0")/.."
 
 echo "== build"
+# Build for this GPU only: a fresh machine has minutes, not the time for every target.
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$("$python" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")}
+export MAX_JOBS=${MAX_JOBS:-$(nproc)}
 if ! REFUSAL_KERNELS_CUDA=1 "$python" -m pip install --no-build-isolation --no-deps -e . >"$out_dir/build.log" 2>&1; then
     tail -n 60 "$out_dir/build.log"
     exit 1
