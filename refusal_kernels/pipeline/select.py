@@ -31,7 +31,12 @@ from .scoring import Scorer, Sites
 
 
 class NoCandidateError(RuntimeError):
-    """No candidate survived the filters; the message says which filter removed what."""
+    """No candidate survived the filters; the message says which filter removed what, and
+    `scores` holds every score computed ({name: [n_layers, n_positions]}, NaN = unscored)."""
+
+    def __init__(self, message: str, scores: dict[str, torch.Tensor] | None = None):
+        super().__init__(message)
+        self.scores = scores
 
 
 @dataclass
@@ -254,7 +259,8 @@ def find_direction(
             f"no candidate survived: {filtered['layer']} removed for layer >= {opts.max_layer_fraction} L, "
             f"{filtered['zero']} for a zero difference of means, "
             f"{filtered['pruned_by_halving']} pruned on bypass, {filtered['kl']} for KL > {opts.kl_threshold}, "
-            f"{filtered['induce']} for induce <= {opts.induce_threshold}"
+            f"{filtered['induce']} for induce <= {opts.induce_threshold}",
+            scores,
         )
     _, layer, p = min(passing)
     return DirectionResult(
