@@ -93,7 +93,11 @@ def test_every_family_is_described(family):
         assert any(w.layer == layer.index and "attn" not in w.name for w in layer.writers)
     assert f"{'transformer.wte' if family == 'gpt2' else 'model.embed_tokens'}.weight" in names
     if family == "gpt2":
-        assert {"transformer.wpe.weight", "transformer.h.0.attn.c_proj.bias", "transformer.h.1.mlp.c_proj.weight"} <= names
+        assert {
+            "transformer.wpe.weight",
+            "transformer.h.0.attn.c_proj.bias",
+            "transformer.h.1.mlp.c_proj.weight",
+        } <= names
     if family in POST_NORM_FAMILIES:
         assert structure.has_post_norms
         assert structure.layers[0].attention_site is structure.layers[0].layer.post_attention_layernorm
@@ -122,7 +126,7 @@ def test_transposed_fused_experts_are_ablated_by_rows():
     assert writer.layout == fam.ROWS
     square = nn.Module()
     square.down_proj = nn.Parameter(torch.zeros(4, 64, 64))
-    with pytest.raises(StructureError, match="experts.down_proj"):
+    with pytest.raises(StructureError, match=r"experts\.down_proj"):
         fam._fused_expert_writers(square, "experts", 64, 0, None)
 
 
@@ -153,5 +157,5 @@ def test_unsupported_mlp_names_the_module():
 def test_model_without_layers_is_rejected():
     model = tiny_model("llama")
     model.model.layers = nn.ModuleList([nn.Linear(64, 64)])
-    with pytest.raises(StructureError, match="LlamaForCausalLM: found no nn.ModuleList"):
+    with pytest.raises(StructureError, match=r"LlamaForCausalLM: found no nn\.ModuleList"):
         describe_model(model)

@@ -27,7 +27,9 @@ def _residual_states(model) -> list[torch.Tensor]:
     states: list[torch.Tensor] = []
     structure = describe_model(model)
     handles = [
-        s.layer.register_forward_pre_hook(lambda m, a, k: states.append(a[0] if a else k["hidden_states"]), with_kwargs=True)
+        s.layer.register_forward_pre_hook(
+            lambda m, a, k: states.append(a[0] if a else k["hidden_states"]), with_kwargs=True
+        )
         for s in structure.layers
     ]
     handles.append(structure.layers[-1].layer.register_forward_hook(lambda m, a, out: states.append(out)))

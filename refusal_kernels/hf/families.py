@@ -259,9 +259,7 @@ def describe_model(model: nn.Module) -> ModelStructure:
         raise StructureError(f"{type(model).__name__}.get_input_embeddings() is not an nn.Embedding")
     hidden_size = token_embedding.embedding_dim
     list_name, layer_list = _find_layer_list(model)
-    layers = tuple(
-        _describe_layer(i, f"{list_name}.{i}", layer, hidden_size) for i, layer in enumerate(layer_list)
-    )
+    layers = tuple(_describe_layer(i, f"{list_name}.{i}", layer, hidden_size) for i, layer in enumerate(layer_list))
     # Other residual embeddings (learned positions) live outside the layers, next to the token embedding.
     embeddings = []
     for name, module in model.named_modules():

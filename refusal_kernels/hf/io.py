@@ -23,7 +23,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from .. import __version__, ops
-from . import families
+from . import families, weights
 
 METADATA_FILE = "refusal_kernels.json"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -98,7 +98,9 @@ def load_model(
         try:
             model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, **options)
         except (SafetensorError, OSError, RuntimeError, ValueError) as error:
-            raise ValueError(f"spec {text!r}: the weights could not be read (corrupt or incomplete?): {error}") from error
+            raise ValueError(
+                f"spec {text!r}: the weights could not be read (corrupt or incomplete?): {error}"
+            ) from error
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     elif _looks_like_path(text):
         raise ValueError(f"spec {text!r} does not exist")
@@ -265,9 +267,9 @@ def orthogonalize_checkpoint(
     """`orthogonalize_model_` + `save_pretrained` on a safetensors checkpoint, without loading it.
 
     Reads each shard memory-mapped and writes it back tensor by tensor, so the peak memory is
-    about one tensor plus O(d_model) (tests/test_hf_io.py measures it: on a 34 MB checkpoint
-    whose largest tensor is 8 MB, the peak resident memory grows by about two largest tensors,
-    the copy being written and the mapped pages of the tensor being read). The residual writers
+    about one tensor plus O(d_model): tests/test_hf_io.py measured a peak resident-memory growth
+    of 8.9 MiB on a 32 MiB checkpoint whose largest tensor is 8 MiB (writers are changed in
+    their copy-on-write mapping, which allocates one tensor; the rest is read and written). The residual writers
     are found by `families.describe_model` on a meta-device skeleton built from config.json,
     so the tensors equal those of `orthogonalize_model_` on the loaded model. A head tied to
     the embeddings is untied: lm_head.weight is written with the original embedding and the
@@ -297,7 +299,7 @@ def orthogonalize_checkpoint(
     directions = families.layer_directions(direction, structure, None, device="cpu")
     shard_of, index = _checkpoint_shards(src)
 
-    # name -> (layout, layer, post-norm module, its weight's name)
+    # checkpoint key -> writer, under the model's own names and without the base model prefix
     writers = {w.name: w for w in structure.writers()}
     prefix = getattr(skeleton, "base_model_prefix", "")
     for name in list(writers):  # checkpoints may omit the base model prefix (e.g. GPT-2's "transformer.")
@@ -328,11 +330,15 @@ def orthogonalize_checkpoint(
                 gains[norm_key] = families.norm_gain_from_weight(writer.post_norm, file.get_tensor(norm_key))
         return families.writer_direction(base, gains[norm_key])
 
-    from . import weights  # the same tie test as orthogonalize_model_
-
     tied = weights.head_is_tied(skeleton, structure)
-    embedding_key = next(k for k in (structure.embeddings[0].name, structure.embeddings[0].name[len(prefix) + 1 :]) if k in shard_of)
-    head_key = next((n for n, p in skeleton.named_parameters(remove_duplicate=False) if p is skeleton.get_output_embeddings().weight and n != structure.embeddings[0].name), None) if tied else None
+    if tied:
+        embedding_name = next(w.name for w in structure.embeddings if w.parameter is structure.token_embedding.weight)
+        embedding_key = next(k for k, w in writers.items() if w.name == embedding_name and k in shard_of)
+        head_key = next(
+            name
+            for name, parameter in skeleton.named_parameters(remove_duplicate=False)
+            if parameter is structure.token_embedding.weight and name != embedding_name
+        )
 
     with _atomic_directory(dst_dir, overwrite, [src]) as temporary:
         for item in src.iterdir():
@@ -342,12 +348,14 @@ def orthogonalize_checkpoint(
         for shard in sorted(set(shard_of.values())):
             with safe_open(src / shard, "pt") as file:
                 entries = []
-                for key in file.keys():
+                for key in file.keys():  # noqa: SIM118  (safe_open is not iterable)
                     tensor_slice = file.get_slice(key)
                     dtype_tag, shape = tensor_slice.get_dtype(), tensor_slice.get_shape()
-                    entries.append((key, dtype_tag, shape, _loader(file, key, writer_for(key), target_for, scale)))
                     if tied and key == embedding_key:
+                        # Before the embedding: get_tensor maps the file copy-on-write, so once the
+                        # embedding is orthogonalized in place, this mapping no longer shows the original.
                         entries.append((head_key, dtype_tag, shape, lambda key=key: file.get_tensor(key)))
+                    entries.append((key, dtype_tag, shape, _loader(file, key, writer_for(key), target_for, scale)))
                 total_size += _write_safetensors(temporary / shard, entries, file.metadata())
         if tied:
             shard_of[head_key] = shard_of[embedding_key]
