@@ -32,12 +32,7 @@ SINGLE_SAFETENSORS = "model.safetensors"
 
 def _looks_like_path(spec: str) -> bool:
     # A hub ID is "name" or "owner/name"; anything else that does not exist is a missing path.
-    return (
-        spec.startswith(("/", ".", "~"))
-        or spec.count("/") > 1
-        or os.sep in spec.replace("/", "")
-        or spec.endswith(".gguf")
-    )
+    return spec.startswith(("/", ".", "~")) or spec.count("/") > 1 or spec.endswith(".gguf")
 
 
 def _drop_quantization(model: nn.Module) -> None:
@@ -306,6 +301,7 @@ def orthogonalize_checkpoint(
         if prefix and name.startswith(f"{prefix}."):
             writers.setdefault(name[len(prefix) + 1 :], writers[name])
     expert_key = families.per_expert_checkpoint_key(structure)
+    # A per-expert key shares the post-norm of its layer's MLP writers (the last ones of the layer).
     mlp_writer_of_layer = {layer.index: layer.writers[-1] for layer in structure.layers}
 
     def writer_for(key: str) -> tuple[str, int | None, families.ResidualWriter] | None:
