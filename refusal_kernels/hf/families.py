@@ -212,7 +212,11 @@ def _mlp_writers(
 def _post_norm(layer: nn.Module, name: str, norm_name: str, hidden_size: int) -> tuple[nn.Module, str]:
     norm = getattr(layer, norm_name)
     weight = getattr(norm, "weight", None)
-    if not isinstance(weight, nn.Parameter) or tuple(weight.shape) != (hidden_size,) or getattr(norm, "bias", None) is not None:
+    if (
+        not isinstance(weight, nn.Parameter)
+        or tuple(weight.shape) != (hidden_size,)
+        or getattr(norm, "bias", None) is not None
+    ):
         raise StructureError(
             f"{name}.{norm_name} ({type(norm).__name__}): a post-sublayer norm must be an RMS norm with a "
             f"[{hidden_size}] weight and no bias"
