@@ -45,6 +45,16 @@ def _drop_quantization(model: nn.Module) -> None:
         model.is_quantized = False
 
 
+def _dequantized_gguf() -> dict[str, Any]:
+    # Newer transformers can keep GGUF blocks packed when a matmul kernel is installed; the
+    # weights must be plain tensors here, since orthogonalization edits them.
+    try:
+        from transformers import GgufConfig
+    except ImportError:
+        return {}
+    return {"quantization_config": GgufConfig(dequantize=True)}
+
+
 def load_model(
     spec: str | os.PathLike[str],
     *,
@@ -83,7 +93,7 @@ def load_model(
             raise ValueError(f"spec {text!r} is a file but not a .gguf file; pass a model directory instead")
         try:
             tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-            model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, **options)
+            model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, **options, **_dequantized_gguf())
         except Exception as error:
             raise ValueError(f"spec {text!r} could not be read as a GGUF model: {error}") from error
         _drop_quantization(model)
