@@ -93,7 +93,9 @@ def load_model(
             raise ValueError(f"spec {text!r} is a file but not a .gguf file; pass a model directory instead")
         try:
             tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-            model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, **options, **_dequantized_gguf())
+            model = AutoModelForCausalLM.from_pretrained(
+                path.parent, gguf_file=path.name, **options, **_dequantized_gguf()
+            )
         except Exception as error:
             raise ValueError(f"spec {text!r} could not be read as a GGUF model: {error}") from error
         _drop_quantization(model)

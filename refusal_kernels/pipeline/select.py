@@ -226,39 +226,41 @@ def find_direction(
     if opts.exhaustive:
         ranked = eligible
         record("bypass", ranked, scorer.bypass(candidates_of(ranked), harmful_val))
+        record("kl", ranked, scorer.kl(candidates_of(ranked), harmless_val, base_logits))
         chunk = len(ranked)
     else:
-        ranked = _successive_halving(scorer, eligible, candidates_of, harmful_val, opts, record)
+        ranked = _successive_halving(
+            scorer, eligible, candidates_of, harmful_val, harmless_val, base_logits, opts, record
+        )
         chunk = opts.finalists
-    lap("bypass")
+    lap("bypass_kl")
 
-    # KL and induce for the best candidates by bypass, a chunk at a time, until one passes.
+    # Induce for the candidates within the KL bound, best bypass first, a chunk at a time.
+    within_kl = [(layer, p) for layer, p in ranked if scores["kl"][layer, p] <= opts.kl_threshold]
     passing, scored = [], []
-    for start in range(0, len(ranked), chunk):
-        cells = ranked[start : start + chunk]
-        record("kl", cells, scorer.kl(candidates_of(cells), harmless_val, base_logits))
+    for start in range(0, len(within_kl), chunk):
+        cells = within_kl[start : start + chunk]
         record("induce", cells, scorer.induce(candidates_of(cells), [layer for layer, _ in cells], harmless_val))
         scored += cells
         passing = [
             (scores["bypass"][layer, p].item(), layer, p)
             for layer, p in cells
-            if scores["kl"][layer, p] <= opts.kl_threshold and scores["induce"][layer, p] > opts.induce_threshold
+            if scores["induce"][layer, p] > opts.induce_threshold
         ]
         if passing:
             break
-    lap("kl_induce")
+    lap("induce")
 
-    too_far = sum(scores["kl"][layer, p].item() > opts.kl_threshold for layer, p in scored)
     filtered["pruned_by_halving"] = len(eligible) - len(ranked)
-    filtered["kl"] = too_far
-    filtered["induce"] = len(scored) - too_far - len(passing)
-    filtered["not_reached"] = len(ranked) - len(scored)
+    filtered["kl"] = len(ranked) - len(within_kl)
+    filtered["induce"] = len(scored) - len(passing)
+    filtered["not_reached"] = len(within_kl) - len(scored)
     exhaustive_sequences = len(eligible) * (len(harmful_val) + 2 * len(harmless_val)) + len(harmless_val)
     if not passing:
         raise NoCandidateError(
             f"no candidate survived: {filtered['layer']} removed for layer >= {opts.max_layer_fraction} L, "
             f"{filtered['zero']} for a zero difference of means, "
-            f"{filtered['pruned_by_halving']} pruned on bypass, {filtered['kl']} for KL > {opts.kl_threshold}, "
+            f"{filtered['pruned_by_halving']} pruned while halving, {filtered['kl']} for KL > {opts.kl_threshold}, "
             f"{filtered['induce']} for induce <= {opts.induce_threshold}",
             scores,
         )
@@ -278,17 +280,27 @@ def find_direction(
     )
 
 
-def _successive_halving(scorer, cells, candidates_of, harmful_val, opts, record) -> list[tuple[int, int]]:
-    """Prune cells on bypass with growing prompt sets.
+# Early rounds see few prompts, so only a KL estimate this far above the bound prunes there.
+EARLY_KL_SLACK = 2.0
 
-    Returns the last round's cells, scored on all of harmful_val and ranked best first.
+
+def _successive_halving(scorer, cells, candidates_of, harmful_val, harmless_val, base_logits, opts, record):
+    """Prune cells with growing prompt sets: each round scores bypass and KL, drops cells whose
+    KL is clearly over the bound, and keeps the best fraction by bypass.
+
+    Returns the last round's cells, scored on the full validation sets, best bypass first.
     """
     alive = list(cells)
     rounds = [n for n in opts.halving_prompts if n < len(harmful_val)] + [len(harmful_val)]
     for n in rounds:
-        values = scorer.bypass(candidates_of(alive), harmful_val[:n])
-        record("bypass", alive, values)
-        alive = [alive[i] for i in values.argsort().tolist()]
-        if n < len(harmful_val):
-            alive = alive[: max(2 * opts.finalists, math.ceil(len(alive) * opts.keep_fraction))]
+        m = min(n, len(harmless_val))
+        candidates = candidates_of(alive)
+        bypass = scorer.bypass(candidates, harmful_val[:n])
+        kl = scorer.kl(candidates, harmless_val[:m], base_logits[:m])
+        record("bypass", alive, bypass)
+        record("kl", alive, kl)
+        final = n == len(harmful_val)
+        keep = len(alive) if final else max(2 * opts.finalists, math.ceil(len(alive) * opts.keep_fraction))
+        ranked = [alive[i] for i in bypass.argsort().tolist() if final or kl[i] <= EARLY_KL_SLACK * opts.kl_threshold]
+        alive = ranked[:keep]
     return alive
