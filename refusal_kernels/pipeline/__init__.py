@@ -1,0 +1,1 @@
+"""End-to-end abliteration pipeline: prompt sets, direction finding and model editing."""
