@@ -96,8 +96,7 @@ def prompt_sets(args, spec: str) -> dict[str, list[str]]:
     result = {}
     for kind, source in (("harmful", args.harmful), ("harmless", args.harmless)):
         loaded = prompts.load_prompts(source) if source else prompts.builtin_prompts(kind)
-        n_val = min(args.n_val, len(loaded) // 2)
-        train, val = split(loaded, args.n_train, n_val, seed=args.seed)
+        train, val = split(loaded, args.n_train, args.n_val, seed=args.seed)
         result[kind], result[f"{kind}_val"] = train, val
     return result
 
@@ -249,8 +248,9 @@ def cmd_abliterate(args) -> int:
     metadata["scores"] = {"before": before.summary(), "after": after.summary()}
     if args.mode == "weights":
         hf.save_abliterated(model, tokenizer, out, metadata=metadata, overwrite=args.overwrite, extra=write_report)
-    else:
-        hf.io.write_directory(out, overwrite=args.overwrite, write=write_report)
+    else:  # hooks are not part of a checkpoint: the direction and the report only
+        with hf.io.atomic_directory(out, args.overwrite, protected=[]) as directory:
+            write_report(directory)
     timings["save"] = time.perf_counter() - clock
     print_table(before, after, result, timings)
     print(f"saved to {out}")

@@ -32,6 +32,7 @@ def test_split_is_seeded_and_disjoint():
     assert (train, val) == split(prompts, 30, 10, seed=3)
     assert len(train) == 30 and len(val) == 10 and not set(train) & set(val)
     assert split(prompts, 30, 10, seed=4) != (train, val)
+    assert [len(part) for part in split(prompts[:6], 30, 10, seed=3)] == [3, 3]  # half at most to validation
 
 
 def test_selected_candidate_passes_the_filters(tiny_llama, tiny_tokenizer):

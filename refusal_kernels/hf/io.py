@@ -14,7 +14,7 @@ import os
 import shutil
 import struct
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -132,7 +132,7 @@ def _overlaps(a: Path, b: Path) -> bool:
 
 
 @contextlib.contextmanager
-def _atomic_directory(out_dir: str | os.PathLike[str], overwrite: bool, protected: list[Path]) -> Iterator[Path]:
+def atomic_directory(out_dir: str | os.PathLike[str], overwrite: bool, protected: list[Path]) -> Iterator[Path]:
     """Yields an empty temporary sibling of out_dir, renamed to out_dir when the block succeeds.
 
     On any exception, KeyboardInterrupt included, the temporary directory is removed and
@@ -183,6 +183,7 @@ def save_abliterated(
     *,
     metadata: Mapping[str, Any],
     overwrite: bool = False,
+    extra: Callable[[Path], None] | None = None,
 ) -> Path:
     """Save an orthogonalized model so that plain `AutoModelForCausalLM.from_pretrained` loads it.
 
@@ -198,6 +199,9 @@ def save_abliterated(
         ValueError: out_dir is, contains or lies inside the source model's directory.
         TypeError: metadata is not a mapping.
 
+    `extra(directory)` may add files (reports, plots) to the directory before it is renamed
+    into place, so that they appear together with the model or not at all.
+
     Returns:
         The resolved output directory.
     """
@@ -209,11 +213,13 @@ def save_abliterated(
         **_jsonable(dict(metadata)),
         "refusal_kernels_version": __version__,
     }
-    with _atomic_directory(out_dir, overwrite, [source] if source else []) as temporary:
+    with atomic_directory(out_dir, overwrite, [source] if source else []) as temporary:
         model.save_pretrained(temporary)
         if tokenizer is not None:
             tokenizer.save_pretrained(temporary)
         (temporary / METADATA_FILE).write_text(json.dumps(record, indent=2) + "\n")
+        if extra is not None:
+            extra(temporary)
     return Path(out_dir).expanduser().resolve()
 
 
@@ -348,7 +354,7 @@ def orthogonalize_checkpoint(
             if parameter is structure.token_embedding.weight and name != embedding_name
         )
 
-    with _atomic_directory(dst_dir, overwrite, [src]) as temporary:
+    with atomic_directory(dst_dir, overwrite, [src]) as temporary:
         for item in src.iterdir():
             if item.is_file() and item.suffix != ".safetensors" and item.name != SAFETENSORS_INDEX:
                 shutil.copy2(item, temporary / item.name)

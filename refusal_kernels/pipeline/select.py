@@ -17,7 +17,6 @@ on every validation prompt) is available for comparison.
 from __future__ import annotations
 
 import math
-import random
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ import torch
 from torch import nn
 
 from . import capture, chat, judge
+from .prompts import train_val_split
 from .report import SCORE_NAMES, DirectionResult
 from .scoring import Scorer, Sites
 
@@ -59,11 +59,9 @@ class SelectionOptions:
 
 
 def split(prompts: Sequence[str], n_train: int, n_val: int, seed: int) -> tuple[list[str], list[str]]:
-    """A seeded, disjoint train/validation split (validation first, so it stays fixed)."""
-    shuffled = list(prompts)
-    random.Random(seed).shuffle(shuffled)
-    val = shuffled[:n_val]
-    return shuffled[n_val : n_val + n_train], val
+    """Seeded, disjoint train/validation lists; small sets give half to validation at most."""
+    train, val = train_val_split(prompts, n_val=min(n_val, len(prompts) // 2), seed=seed)
+    return train[:n_train], val
 
 
 def candidate_directions(
