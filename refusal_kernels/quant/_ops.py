@@ -6,11 +6,37 @@ dtypes and devices only, and every one of them runs before anything is written.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
-from .._ops import _check_float, _check_same_device, _check_scale, _check_vector
+from .. import backends
+from .._ops import _check_float, _check_same_device, _check_scale, _check_vector, has_kernel
+from ..ops import _check_data_once, _nonzero_finite_rows
 
 FP8_BLOCK = 128
+TRITON_FORMATS = ("int8", "gptq", "fp8")
+
+
+def run(fmt: str, reference_: Callable, direction: torch.Tensor, *args) -> None:
+    """refusal::orthogonalize_<fmt>(*args) on the backend of the storage's device (args[0]).
+
+    CPU storage runs the C++ kernel, which checks the direction's data itself. CUDA storage
+    runs the CUDA kernel when built (and chosen), else the Triton kernel for the formats that
+    have one, else `reference_(*args)`; the direction is checked here, once per version.
+    """
+    op = getattr(torch.ops.refusal, f"orthogonalize_{fmt}")
+    target = args[0]
+    _check_data_once(direction, "direction", _nonzero_finite_rows, target)
+    backend = "cpu" if target.device.type == "cpu" else backends.get_backend()
+    if backend == "cpu" or (backend == "cuda" and has_kernel(f"orthogonalize_{fmt}", "CUDA")):
+        op(*args)
+    elif backend in ("cuda", "triton") and fmt in TRITON_FORMATS:
+        from ..backends.triton import quant
+
+        getattr(quant, f"orthogonalize_{fmt}_")(*args)
+    else:
+        reference_(*args)
 
 
 def _check_dtype(t: torch.Tensor, name: str, dtypes: tuple[torch.dtype, ...]) -> None:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from . import _common
-from ._ops import check_fp8, fp8_block_shape
+from ._ops import check_fp8, fp8_block_shape, run
 
 FP8_MAX = 448.0
 
@@ -58,5 +58,5 @@ def orthogonalize_reference_(weight, weight_scale, direction, scale: float = 1.0
 
 
 def orthogonalize_(weight, weight_scale, direction, scale: float = 1.0) -> None:
-    """In-place W <- W - scale * d (d^T W) on the fp8 storage (the fused kernel)."""
-    torch.ops.refusal.orthogonalize_fp8(weight, weight_scale, direction, scale)
+    """In-place W <- W - scale * d (d^T W) on the fp8 storage (the fused kernel of the storage's device)."""
+    run("fp8", orthogonalize_reference_, direction, weight, weight_scale, direction, scale)

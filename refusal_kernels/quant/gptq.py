@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from . import _common
-from ._ops import check_gptq
+from ._ops import check_gptq, run
 
 ZERO_MIN = 1  # stored 0 reads back as zero point 1
 
@@ -76,5 +76,5 @@ def orthogonalize_reference_(qweight, qzeros, scales, g_idx, direction, group_si
 
 
 def orthogonalize_(qweight, qzeros, scales, g_idx, direction, group_size: int, scale: float = 1.0) -> None:
-    """In-place W <- W - scale * d (d^T W) on the packed storage (the fused kernel)."""
-    torch.ops.refusal.orthogonalize_gptq(qweight, qzeros, scales, g_idx, direction, group_size, scale)
+    """In-place W <- W - scale * d (d^T W) on the packed storage (the fused kernel of the storage's device)."""
+    run("gptq", orthogonalize_reference_, direction, qweight, qzeros, scales, g_idx, direction, group_size, scale)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from . import _common
-from ._ops import check_int8
+from ._ops import check_int8, run
 
 QMAX = 127
 
@@ -54,5 +54,5 @@ def orthogonalize_reference_(
 def orthogonalize_(
     qweight: torch.Tensor, row_scale: torch.Tensor, direction: torch.Tensor, scale: float = 1.0, absmax_scale=False
 ) -> None:
-    """In-place W <- W - scale * d (d^T W) on the quantized storage (the fused kernel)."""
-    torch.ops.refusal.orthogonalize_int8(qweight, row_scale, direction, scale, absmax_scale)
+    """In-place W <- W - scale * d (d^T W) on the quantized storage (the fused kernel of the storage's device)."""
+    run("int8", orthogonalize_reference_, direction, qweight, row_scale, direction, scale, absmax_scale)
