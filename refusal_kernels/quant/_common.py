@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from .. import reference
+from ..ops import _nonzero_finite_rows
 
 NIBBLES_PER_INT32 = 8
 
@@ -76,7 +77,13 @@ def unpack_nibbles(words: torch.Tensor, dim: int, order: tuple[int, ...] = tuple
 
 
 def orthogonalized_float(dequantized: torch.Tensor, direction: torch.Tensor, scale: float) -> torch.Tensor:
-    """The dense reference applied to a dequantized fp32 weight [d_model, d_in]."""
+    """The dense reference applied to a dequantized fp32 weight [d_model, d_in].
+
+    Checks the direction's data first (as the CPU kernels do), before anything is written.
+    """
+    problem = _nonzero_finite_rows(direction)
+    if problem:
+        raise ValueError(f"direction {problem}")
     return reference.orthogonalize(dequantized.float(), direction, scale)
 
 
