@@ -38,12 +38,12 @@ def _fp8_half_step(state) -> torch.Tensor:
     return spacing / 2 * fp8.dequantize(torch.ones_like(weight.float()).to(torch.float8_e4m3fn), weight_scale)
 
 
-def _nf4_half_step(q: nf4.NF4Weight) -> torch.Tensor:
+def nf4_half_step(q: nf4.NF4Weight, shape: tuple[int, int] = (OUT, IN)) -> torch.Tensor:
     levels = q.code
     gaps = levels.diff()
     around = torch.maximum(torch.cat([gaps[:1], gaps]), torch.cat([gaps, gaps[-1:]]))
-    block = torch.arange(OUT * IN) // q.blocksize
-    return (around[nf4.unpack(q.packed)] / 2 * nf4.block_absmax(q)[block]).reshape(OUT, IN)
+    block = torch.arange(shape[0] * shape[1]) // q.blocksize
+    return (around[nf4.unpack(q.packed)] / 2 * nf4.block_absmax(q)[block]).reshape(shape)
 
 
 @dataclass(frozen=True)
@@ -96,7 +96,7 @@ def _nf4_format(double_quant: bool) -> Format:
         kernel_=lambda s, d, c=1.0: nf4.orthogonalize_(s, d, c),
         reference_=lambda s, d, c=1.0: nf4.orthogonalize_reference_(s, d, c),
         dequantize=lambda s: nf4.dequantize(s, (OUT, IN)),
-        half_step=_nf4_half_step,
+        half_step=nf4_half_step,
     )
 
 
@@ -120,8 +120,11 @@ FORMATS = {
 }
 
 
-def weight_with_component(direction: torch.Tensor, strength: float = 30.0, seed: int = 0) -> torch.Tensor:
-    """A random [OUT, IN] weight plus a strong component along direction, so that removing it matters."""
+def weight_with_component(
+    direction: torch.Tensor, strength: float = 30.0, seed: int = 0, in_features: int = IN
+) -> torch.Tensor:
+    """A random [OUT, in_features] weight plus a strong component along direction, so that removing it matters."""
     generator = torch.Generator().manual_seed(seed)
     unit = direction / direction.norm()
-    return torch.randn(OUT, IN, generator=generator) + strength * unit[:, None] * torch.randn(IN, generator=generator)
+    noise = torch.randn(OUT, in_features, generator=generator)
+    return noise + strength * unit[:, None] * torch.randn(in_features, generator=generator)
