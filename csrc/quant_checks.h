@@ -7,6 +7,7 @@
 
 #include <initializer_list>
 #include <optional>
+#include <string>
 #include <utility>
 
 #include "checks.h"
@@ -19,8 +20,12 @@ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 inline void check_dtype(const at::Tensor& t, const char* name, std::initializer_list<at::ScalarType> dtypes) {
   bool found = false;
-  for (auto dtype : dtypes) found = found || t.scalar_type() == dtype;
-  TORCH_CHECK_TYPE(found, name, " has the wrong dtype for this layout: got ", t.scalar_type());
+  std::string expected;
+  for (auto dtype : dtypes) {
+    found = found || t.scalar_type() == dtype;
+    expected += (expected.empty() ? "" : " or ") + std::string(c10::toString(dtype));
+  }
+  TORCH_CHECK_TYPE(found, name, " must be ", expected, ", got ", t.scalar_type());
 }
 
 inline void check_shape(const at::Tensor& t, const char* name, at::IntArrayRef shape, const char* meaning) {

@@ -28,8 +28,9 @@ def run(fmt: str, reference_: Callable, direction: torch.Tensor, *args) -> None:
     op = getattr(torch.ops.refusal, f"orthogonalize_{fmt}")
     target = args[0]
     _check_data_once(direction, "direction", _nonzero_finite_rows, target)
-    backend = "cpu" if target.device.type == "cpu" else backends.get_backend()
-    if backend == "cpu" or (backend == "cuda" and has_kernel(f"orthogonalize_{fmt}", "CUDA")):
+    # Meta tensors reach the fake kernel through the dispatcher.
+    backend = "dispatcher" if target.device.type in ("cpu", "meta") else backends.get_backend()
+    if backend == "dispatcher" or (backend == "cuda" and has_kernel(f"orthogonalize_{fmt}", "CUDA")):
         op(*args)
     elif backend in ("cuda", "triton") and fmt in TRITON_FORMATS:
         from ..backends.triton import quant
