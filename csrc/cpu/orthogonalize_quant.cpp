@@ -20,34 +20,11 @@
 #include <vector>
 
 #include "../quant_checks.h"
+#include "../quant_rules.h"
 #include "vec_ops.h"
 
 namespace refusal::cpu {
 namespace {
-
-constexpr float kInt8Max = 127.f;
-constexpr float kFp8Max = 448.f;
-
-// The smallest value of `dtype` that is >= value (value >= 0).
-float round_up_to(float value, at::ScalarType dtype) {
-  auto bump = [value](auto stored) {
-    if (static_cast<float>(stored) < value) stored.x += 1;
-    return static_cast<float>(stored);
-  };
-  switch (dtype) {
-    case at::kHalf:
-      return bump(c10::Half(value));
-    case at::kBFloat16:
-      return bump(c10::BFloat16(value));
-    default:
-      return value;
-  }
-}
-
-// absmax / qmax rounded up to dtype; an all-zero group gets 1 (any scale represents it exactly).
-float symmetric_scale(float absmax, float qmax, at::ScalarType dtype) {
-  return round_up_to(absmax > 0.f ? absmax / qmax : 1.f, dtype);
-}
 
 std::vector<float> to_float_vector(const at::Tensor& t) {
   const at::Tensor values = t.to(at::kFloat).contiguous();
@@ -97,7 +74,7 @@ struct Fp8Codec {
 
 // weight [rows, cols]; scales [ceil(rows / block_rows), ceil(cols / block_cols)] (flattened),
 // W = q * scales[block] / scale_divisor.
-template <typename Codec>
+template <typename Codec, typename ScaleT>
 void orthogonalize_block_scaled(at::Tensor& weight, at::Tensor& scales, int64_t block_rows, int64_t block_cols,
                                 float scale_divisor, const at::Tensor& direction, double scale) {
   using Storage = typename Codec::Storage;
@@ -146,8 +123,8 @@ void orthogonalize_block_scaled(at::Tensor& weight, at::Tensor& scales, int64_t 
     for (int64_t k = 0; k < chunks_per_block_row; ++k) {
       absmax = std::max(absmax, chunk_absmax[((b / grid_cols) * chunks_per_block_row + k) * grid_cols + b % grid_cols]);
     }
-    new_step[b] = symmetric_scale(absmax, Codec::kMax, scales.scalar_type());
-    stored[b] = round_up_to(new_step[b] * scale_divisor, scales.scalar_type());
+    new_step[b] = symmetric_scale<ScaleT>(absmax, Codec::kMax);
+    stored[b] = round_up_to<ScaleT>(new_step[b] * scale_divisor);
   }
 
   at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
@@ -164,13 +141,18 @@ void orthogonalize_block_scaled(at::Tensor& weight, at::Tensor& scales, int64_t 
 void orthogonalize_int8(at::Tensor& qweight, at::Tensor& row_scale, const at::Tensor& direction, double scale,
                         bool absmax_scale) {
   check_int8(qweight, row_scale, direction, scale);
-  orthogonalize_block_scaled<Int8Codec>(qweight, row_scale, 1, qweight.size(1), absmax_scale ? kInt8Max : 1.f,
-                                        direction, scale);
+  REFUSAL_DISPATCH_FLOATS(row_scale.scalar_type(), "refusal::orthogonalize_int8", [&] {
+    orthogonalize_block_scaled<Int8Codec, scalar_t>(qweight, row_scale, 1, qweight.size(1),
+                                                    absmax_scale ? kInt8Max : 1.f, direction, scale);
+  });
 }
 
 void orthogonalize_fp8(at::Tensor& weight, at::Tensor& weight_scale, const at::Tensor& direction, double scale) {
   const auto [block_rows, block_cols] = check_fp8(weight, weight_scale, direction, scale);
-  orthogonalize_block_scaled<Fp8Codec>(weight, weight_scale, block_rows, block_cols, 1.f, direction, scale);
+  REFUSAL_DISPATCH_FLOATS(weight_scale.scalar_type(), "refusal::orthogonalize_fp8", [&] {
+    orthogonalize_block_scaled<Fp8Codec, scalar_t>(weight, weight_scale, block_rows, block_cols, 1.f, direction,
+                                                   scale);
+  });
 }
 
 // ---- int4 group-wise asymmetric (GPTQ, AWQ): W[i, j] = scale[g, i] * (q[i, j] - z[g, i]).
@@ -204,23 +186,7 @@ inline void set_nibble(int32_t* word, int shift, int value) {
   *word = static_cast<int32_t>(cleared | (static_cast<uint32_t>(value) << shift));
 }
 
-// Scale and zero of a group whose updated values span [low, high], as in
-// refusal_kernels/quant/_common.py: range widened to 0, zero within what the format stores,
-// scale large enough that no value needs clamping.
-std::pair<float, int> asymmetric_scale_zero(float low, float high, int zero_min, at::ScalarType dtype) {
-  low = std::min(low, 0.f);
-  high = std::max(high, 0.f);
-  const float spread = (high - low) / 15.f;
-  float zero = spread > 0.f ? std::nearbyint(-low / spread) : 0.f;
-  zero = std::clamp(zero, static_cast<float>(zero_min), static_cast<float>(zero_min + 15));
-  if (high > 0.f) zero = std::min(zero, 14.f);
-  if (low < 0.f) zero = std::max(zero, 1.f);
-  float step = std::max(high / std::max(15.f - zero, 1.f), -low / std::max(zero, 1.f));
-  if (!(step > 0.f)) step = 1.f;
-  return {round_up_to(step, dtype), static_cast<int>(zero)};
-}
-
-template <typename Layout>
+template <typename Layout, typename ScaleT>
 void orthogonalize_int4(const Layout& layout, at::Tensor& qzeros, at::Tensor& scales, const at::Tensor& group_index,
                         int64_t in, int64_t groups, const at::Tensor& direction, double scale) {
   const int64_t out = layout.out;
@@ -283,8 +249,7 @@ void orthogonalize_int4(const Layout& layout, at::Tensor& qzeros, at::Tensor& sc
           const int64_t index = g * out + first + k;
           old_step[k] = step[index];
           old_zero[k] = zero[index];
-          std::tie(new_step[k], new_zero[k]) =
-              asymmetric_scale_zero(low[k], high[k], Layout::kZeroMin, scales.scalar_type());
+          asymmetric_scale_zero<ScaleT>(low[k], high[k], Layout::kZeroMin, &new_step[k], &new_zero[k]);
         }
         for (int64_t m = group_start[g]; m < group_start[g + 1]; ++m) {
           const int64_t j = members[m];
@@ -293,8 +258,7 @@ void orthogonalize_int4(const Layout& layout, at::Tensor& qzeros, at::Tensor& sc
             int32_t* word = layout.word(i, j);
             const int shift = Layout::shift(i, j);
             const float w = old_step[k] * static_cast<float>(nibble(*word, shift) - old_zero[k]) - s * d[i] * c[j];
-            const float level = std::nearbyint(w / new_step[k]) + static_cast<float>(new_zero[k]);
-            set_nibble(word, shift, static_cast<int>(std::clamp(level, 0.f, 15.f)));
+            set_nibble(word, shift, quantize_int4(w, new_step[k], new_zero[k]));
           }
         }
         for (int64_t k = 0; k < width; ++k) {
@@ -327,16 +291,20 @@ void orthogonalize_gptq(at::Tensor& qweight, at::Tensor& qzeros, at::Tensor& sca
     TORCH_CHECK_VALUE(low >= 0 && high < groups, "g_idx holds groups in [", low, ", ", high, "] but scales has ",
                       groups, " groups");
   }
-  orthogonalize_int4(GptqLayout{qweight.mutable_data_ptr<int32_t>(), out}, qzeros, scales, group_index, in, groups,
-                     direction, scale);
+  REFUSAL_DISPATCH_FLOATS(scales.scalar_type(), "refusal::orthogonalize_gptq", [&] {
+    orthogonalize_int4<GptqLayout, scalar_t>(GptqLayout{qweight.mutable_data_ptr<int32_t>(), out}, qzeros, scales,
+                                             group_index, in, groups, direction, scale);
+  });
 }
 
 void orthogonalize_awq(at::Tensor& qweight, at::Tensor& qzeros, at::Tensor& scales, const at::Tensor& direction,
                        int64_t group_size, double scale) {
   const auto [in, out] = check_awq(qweight, qzeros, scales, direction, group_size, scale);
   const at::Tensor group_index = at::arange(in, qweight.options().dtype(at::kLong)).floor_divide_(group_size);
-  orthogonalize_int4(AwqLayout{qweight.mutable_data_ptr<int32_t>(), out}, qzeros, scales, group_index, in,
-                     in / group_size, direction, scale);
+  REFUSAL_DISPATCH_FLOATS(scales.scalar_type(), "refusal::orthogonalize_awq", [&] {
+    orthogonalize_int4<AwqLayout, scalar_t>(AwqLayout{qweight.mutable_data_ptr<int32_t>(), out}, qzeros, scales,
+                                            group_index, in, in / group_size, direction, scale);
+  });
 }
 
 // ---- NF4: flat blocks of `blocksize` values, 4-bit indices into a 16-level code, high nibble first.
