@@ -40,6 +40,16 @@ def run(fmt: str, reference_: Callable, direction: torch.Tensor, *args) -> None:
         reference_(*args)
 
 
+def g_idx_problem(g_idx: torch.Tensor, num_groups: int) -> str | None:
+    """Why g_idx (one group per input column) is out of range for num_groups, or None."""
+    if g_idx.numel() == 0:
+        return None
+    low, high = int(g_idx.min()), int(g_idx.max())
+    if low < 0 or high >= num_groups:
+        return f"holds groups in [{low}, {high}] but scales has {num_groups} groups"
+    return None
+
+
 def _check_dtype(t: torch.Tensor, name: str, dtypes: tuple[torch.dtype, ...]) -> None:
     if t.dtype not in dtypes:
         raise TypeError(f"{name} must be {' or '.join(str(d) for d in dtypes)}, got {t.dtype}")

@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import torch
 
+from ..ops import _check_data_once
 from . import _common
-from ._ops import check_gptq, run
+from ._ops import check_gptq, g_idx_problem, run
 
 ZERO_MIN = 1  # stored 0 reads back as zero point 1
 
@@ -68,6 +69,9 @@ def quantize(weight: torch.Tensor, group_size: int, g_idx: torch.Tensor | None =
 def orthogonalize_reference_(qweight, qzeros, scales, g_idx, direction, group_size: int, scale: float = 1.0) -> None:
     """Dequantize, orthogonalize in fp32, requantize with fresh scales and zeros; writes all three."""
     check_gptq(qweight, qzeros, scales, g_idx, direction, group_size, scale)
+    problem = None if g_idx is None else g_idx_problem(g_idx, scales.shape[0])
+    if problem:
+        raise ValueError(f"g_idx {problem}")
     updated = _common.orthogonalized_float(dequantize(qweight, qzeros, scales, g_idx, group_size), direction, scale)
     for target, fresh in zip(
         (qweight, qzeros, scales), quantize(updated, group_size, g_idx, scales.dtype), strict=True
@@ -77,4 +81,7 @@ def orthogonalize_reference_(qweight, qzeros, scales, g_idx, direction, group_si
 
 def orthogonalize_(qweight, qzeros, scales, g_idx, direction, group_size: int, scale: float = 1.0) -> None:
     """In-place W <- W - scale * d (d^T W) on the packed storage (the fused kernel of the storage's device)."""
+    if g_idx is not None:
+        # GPU storage: checked here once per version (the CPU kernel checks it itself).
+        _check_data_once(g_idx, "g_idx", lambda t: g_idx_problem(t, scales.shape[0]), qweight)
     run("gptq", orthogonalize_reference_, direction, qweight, qzeros, scales, g_idx, direction, group_size, scale)

@@ -37,7 +37,9 @@ def quantize(
     weight = weight.float()
     step = _common.symmetric_scale(weight.abs().amax(dim=1), QMAX, scale_dtype)
     qweight = torch.round(weight / step.float()[:, None]).clamp(-QMAX, QMAX).to(torch.int8)
-    return qweight, step * QMAX if absmax_scale else step
+    if absmax_scale:
+        return qweight, _common.round_up_to_dtype(step.float() * QMAX, scale_dtype)
+    return qweight, step
 
 
 def orthogonalize_reference_(

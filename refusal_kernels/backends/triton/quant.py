@@ -145,7 +145,7 @@ def orthogonalize_int8_(qweight, row_scale, direction, scale=1.0, absmax_scale=F
     check_int8(qweight, row_scale, direction, scale)
     divisor = int8.QMAX if absmax_scale else 1.0
     step = _orthogonalize_block_scaled(qweight, row_scale, (1, qweight.shape[1]), divisor, int8.QMAX, direction, scale)
-    row_scale.copy_((step.to(row_scale.dtype) * divisor).reshape(row_scale.shape))
+    row_scale.copy_(_common.round_up_to_dtype(step * divisor, row_scale.dtype).reshape(row_scale.shape))
 
 
 def orthogonalize_fp8_(weight, weight_scale, direction, scale=1.0) -> None:
