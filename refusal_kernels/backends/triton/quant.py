@@ -128,9 +128,9 @@ def _orthogonalize_block_scaled(q, stored_scale, block, divisor, qmax, direction
     tile_absmax = torch.empty(grid, dtype=torch.float32, device=q.device)
     args = (q, step, step, tile_absmax, d, c, float(scale), *dims)
     _block_scaled_update[grid](*args, QMAX=qmax, IS_FP8=q.dtype != torch.int8, WRITE=False, TR=tile_rows, TC=TILE_COLS)
-    tile_block = (torch.arange(grid[0], device=q.device)[:, None] * tile_rows // block_rows) * grid_cols + torch.arange(
-        grid[1], device=q.device
-    )[None, :] * TILE_COLS // block_cols
+    tile_row_block = torch.arange(grid[0], device=q.device) * tile_rows // block_rows
+    tile_col_block = torch.arange(grid[1], device=q.device) * TILE_COLS // block_cols
+    tile_block = tile_row_block[:, None] * grid_cols + tile_col_block[None, :]
     absmax = torch.zeros(grid_rows * grid_cols, device=q.device).scatter_reduce(
         0, tile_block.reshape(-1), tile_absmax.reshape(-1), "amax"
     )
