@@ -18,6 +18,22 @@ TORCH_LIBRARY(refusal, m) {
   m.def("orthogonalize(Tensor(a!) weight, Tensor direction, float scale=1.0) -> ()");
   // Functional form of `ablate`: the in-place op cannot carry an autograd formula.
   m.def("ablated(Tensor x, Tensor direction, float scale=1.0) -> Tensor");
+  // orthogonalize on quantized storage: dequantize, update, requantize with fresh scales
+  // (and zeros), in place. Layouts: refusal_kernels/quant/<format>.py.
+  m.def(
+      "orthogonalize_int8(Tensor(a!) qweight, Tensor(b!) row_scale, Tensor direction, float scale=1.0, "
+      "bool absmax_scale=False) -> ()");
+  m.def(
+      "orthogonalize_gptq(Tensor(a!) qweight, Tensor(b!) qzeros, Tensor(c!) scales, Tensor? g_idx, "
+      "Tensor direction, int group_size, float scale=1.0) -> ()");
+  m.def(
+      "orthogonalize_awq(Tensor(a!) qweight, Tensor(b!) qzeros, Tensor(c!) scales, Tensor direction, "
+      "int group_size, float scale=1.0) -> ()");
+  m.def("orthogonalize_fp8(Tensor(a!) weight, Tensor(b!) weight_scale, Tensor direction, float scale=1.0) -> ()");
+  m.def(
+      "orthogonalize_nf4(Tensor(a!) packed, Tensor(b!) absmax, Tensor code, Tensor direction, int blocksize, "
+      "Tensor(c!)? nested_absmax, Tensor(d!)? nested_offset, Tensor? nested_code, int nested_blocksize=256, "
+      "float scale=1.0) -> ()");
 }
 
 namespace {

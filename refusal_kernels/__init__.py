@@ -5,7 +5,7 @@ The ops follow "Refusal in Language Models Is Mediated by a Single Direction" (A
 orthogonalization W <- W - r(r^T W) of every matrix that writes into the residual stream.
 """
 
-from . import _ops, reference
+from . import _ops, quant, reference
 from .backends import get_backend, set_backend
 from .ops import ablate, ablate_, ablate_indexed_, orthogonalize_
 
@@ -16,6 +16,7 @@ __all__ = [
     "ablate_indexed_",
     "get_backend",
     "orthogonalize_",
+    "quant",
     "reference",
     "set_backend",
 ]

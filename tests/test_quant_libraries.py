@@ -1,0 +1,223 @@
+"""Quantized orthogonalize on the layouts of real quantization libraries.
+
+bitsandbytes (NF4, double-quantized NF4, LLM.int8) and torchao (int8 weight-only) run when
+installed: the layers are built by the library, and the result is read back with the
+library's own dequantize and forward. (The NF4 layer has in_features = 128: bitsandbytes'
+native CPU dequantize disagrees with its own generic implementation, which we follow, when
+blocks of 64 straddle rows.) GPTQ and AWQ have no CPU-installable library, so
+their layouts are checked against transcriptions of the published dequantization code
+(AutoGPTQ's `QuantLinear` unpacking, AutoAWQ's `dequantize_gemm`).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from quant_cases import GROUP, IN, OUT, nf4_half_step, weight_with_component
+
+from refusal_kernels.quant import awq, fp8, gptq, int8, nf4, orthogonalize_quantized_
+
+D = torch.randn(OUT, generator=torch.Generator().manual_seed(1))
+UNIT = D / D.norm()
+NF4_IN = 128
+
+
+def import_or_skip(name):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return pytest.importorskip(name)
+
+
+def assert_residual_within(w_deq: torch.Tensor, half_step: torch.Tensor) -> None:
+    assert ((UNIT @ w_deq).abs() <= UNIT.abs() @ half_step * 1.001 + 1e-5).all()
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_bitsandbytes_nf4(double_quant):
+    bnb = import_or_skip("bitsandbytes")
+    functional = bnb.functional
+    shape = (OUT, NF4_IN)
+    layer = bnb.nn.Linear4bit(NF4_IN, OUT, bias=False, quant_type="nf4", compress_statistics=double_quant)
+    layer.weight = bnb.nn.Params4bit(
+        weight_with_component(D, in_features=NF4_IN),
+        requires_grad=False,
+        quant_type="nf4",
+        compress_statistics=double_quant,
+        blocksize=64,
+    )
+    layer = layer.to("cpu")
+    state = layer.weight.quant_state
+    assert torch.equal(state.code, nf4.NF4_CODE)
+    if double_quant:
+        assert torch.equal(state.state2.code, nf4.dynamic_code())
+
+    def ours():
+        return nf4.NF4Weight(
+            layer.weight.data,
+            state.absmax,
+            state.code,
+            state.blocksize,
+            *((state.state2.absmax, state.offset, state.state2.code, state.state2.blocksize) if double_quant else ()),
+        )
+
+    assert torch.equal(nf4.dequantize(ours(), shape), functional.dequantize_4bit(layer.weight.data, state))
+    orthogonalize_quantized_(layer, D)
+    library_w = functional.dequantize_4bit(layer.weight.data, state)
+    assert torch.equal(nf4.dequantize(ours(), shape), library_w)
+    assert_residual_within(library_w, nf4_half_step(ours(), shape))
+    x = torch.randn(4, NF4_IN)
+    torch.testing.assert_close(layer(x), x @ library_w.T, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("forward_first", [False, True])
+def test_bitsandbytes_int8(forward_first):
+    bnb = import_or_skip("bitsandbytes")
+    layer = bnb.nn.Linear8bitLt(IN, OUT, bias=False, has_fp16_weights=False)
+    layer.weight = bnb.nn.Int8Params(weight_with_component(D), requires_grad=False, has_fp16_weights=False)
+    layer = layer.to("cpu")
+    x = torch.randn(4, IN)
+    if forward_first:  # moves CB and SCB from the weight to layer.state
+        layer(x)
+    orthogonalize_quantized_(layer, D)
+    cb, scb = (layer.state.CB, layer.state.SCB) if forward_first else (layer.weight.CB, layer.weight.SCB)
+    library_w = bnb.functional.int8_vectorwise_dequant(cb, scb).float()
+    torch.testing.assert_close(library_w, int8.dequantize(cb, scb, absmax_scale=True))
+    assert_residual_within(library_w, int8.dequantize(torch.ones(OUT, IN), scb, absmax_scale=True) / 2)
+    # The layer's own int8 forward quantizes x too: compare loosely, but along d it must be ~0.
+    y = layer(x).float()
+    torch.testing.assert_close(y, x @ library_w.T, rtol=0.05, atol=0.05 * y.abs().max().item())
+
+
+def test_torchao_int8_weight_only():
+    import_or_skip("torchao")
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    model = torch.nn.Sequential(torch.nn.Linear(IN, OUT, bias=False))
+    with torch.no_grad():
+        model[0].weight.copy_(weight_with_component(D))
+    quantize_(model, Int8WeightOnlyConfig())
+    weight = model[0].weight
+    orthogonalize_quantized_(model[0], D)
+    library_w = weight.dequantize().float()
+    torch.testing.assert_close(library_w, int8.dequantize(weight.qdata, weight.scale))
+    assert_residual_within(library_w, int8.dequantize(torch.ones(OUT, IN), weight.scale) / 2)
+    x = torch.randn(4, IN)
+    torch.testing.assert_close(model(x), x @ library_w.T, rtol=1e-4, atol=1e-4)
+
+
+def autogptq_dequantize(qweight, qzeros, scales, g_idx, bits=4):
+    """AutoGPTQ's unpacking (qlinear_cuda_old), transcribed: returns W^T [in, out]."""
+    wf = torch.tensor(list(range(0, 32, bits)), dtype=torch.int32).unsqueeze(0)
+    zeros = torch.bitwise_right_shift(torch.unsqueeze(qzeros, 2).expand(-1, -1, 32 // bits), wf.unsqueeze(0))
+    zeros = torch.bitwise_and(zeros.to(torch.int16), (2**bits) - 1) + 1
+    zeros = zeros.reshape(zeros.shape[0], -1)
+    weight = torch.bitwise_right_shift(torch.unsqueeze(qweight, 1).expand(-1, 32 // bits, -1), wf.unsqueeze(-1))
+    weight = torch.bitwise_and(weight.to(torch.int16), (2**bits) - 1)
+    weight = weight.reshape(weight.shape[0] * weight.shape[1], weight.shape[2])
+    return scales.float()[g_idx.long()] * (weight - zeros[g_idx.long()]).float()
+
+
+def autoawq_dequantize(qweight, qzeros, scales, group_size, bits=4):
+    """AutoAWQ's dequantize_gemm (utils/packing_utils.py), transcribed: returns W^T [in, out]."""
+    shifts = torch.arange(0, 32, bits)
+    iweights = torch.bitwise_right_shift(qweight[:, :, None], shifts[None, None, :]).to(torch.int8)
+    iweights = iweights.view(iweights.shape[0], -1)
+    izeros = torch.bitwise_right_shift(qzeros[:, :, None], shifts[None, None, :]).to(torch.int8)
+    izeros = izeros.view(izeros.shape[0], -1)
+    reverse_order = torch.arange(iweights.shape[-1], dtype=torch.int32).view(-1, 32 // bits)
+    reverse_order = reverse_order[:, [0, 4, 1, 5, 2, 6, 3, 7]].view(-1)
+    iweights = torch.bitwise_and(iweights[:, reverse_order], (2**bits) - 1)
+    izeros = torch.bitwise_and(izeros[:, reverse_order], (2**bits) - 1)
+    scales = scales.float().repeat_interleave(group_size, dim=0)
+    izeros = izeros.repeat_interleave(group_size, dim=0)
+    return (iweights - izeros).float() * scales
+
+
+def test_gptq_layout_matches_autogptq():
+    g_idx = (torch.arange(IN) * 5 % IN // GROUP).int()
+    qweight, qzeros, scales = gptq.quantize(weight_with_component(D), GROUP, g_idx)
+    torch.testing.assert_close(
+        gptq.dequantize(qweight, qzeros, scales, g_idx, GROUP).T,
+        autogptq_dequantize(qweight, qzeros, scales, g_idx),
+        rtol=0,
+        atol=0,
+    )
+    gptq.orthogonalize_(qweight, qzeros, scales, g_idx, D, GROUP)
+    torch.testing.assert_close(
+        gptq.dequantize(qweight, qzeros, scales, g_idx, GROUP).T,
+        autogptq_dequantize(qweight, qzeros, scales, g_idx),
+        rtol=0,
+        atol=0,
+    )
+
+
+def test_awq_layout_matches_autoawq():
+    qweight, qzeros, scales = awq.quantize(weight_with_component(D), GROUP)
+    awq.orthogonalize_(qweight, qzeros, scales, D, GROUP)
+    torch.testing.assert_close(
+        awq.dequantize(qweight, qzeros, scales, GROUP).T,
+        autoawq_dequantize(qweight, qzeros, scales, GROUP),
+        rtol=0,
+        atol=0,
+    )
+
+
+class QuantLinear(torch.nn.Module):
+    """Stands in for AutoGPTQ's QuantLinear (buffers only)."""
+
+    def __init__(self, qweight, qzeros, scales, g_idx):
+        super().__init__()
+        for name, t in (("qweight", qweight), ("qzeros", qzeros), ("scales", scales), ("g_idx", g_idx)):
+            self.register_buffer(name, t)
+
+
+class WQLinear_GEMM(QuantLinear):
+    pass
+
+
+class FP8Linear(torch.nn.Module):
+    def __init__(self, weight, weight_scale_inv):
+        super().__init__()
+        self.weight = torch.nn.Parameter(weight, requires_grad=False)
+        self.weight_scale_inv = torch.nn.Parameter(weight_scale_inv, requires_grad=False)
+
+
+def _same_as_direct(build, direct_, read):
+    """orthogonalize_quantized_ on build() gives bit-for-bit what direct_ gives."""
+    via_dispatch, direct = build(), build()
+    orthogonalize_quantized_(via_dispatch, D)
+    direct_(direct)
+    for a, b in zip(read(via_dispatch), read(direct), strict=True):
+        assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+
+
+def test_recognizes_gptq_awq_fp8_and_mappings():
+    w = weight_with_component(D)
+    g_idx = (torch.arange(IN) // GROUP).int()
+    _same_as_direct(
+        lambda: QuantLinear(*gptq.quantize(w, GROUP, g_idx), g_idx),
+        lambda m: gptq.orthogonalize_(m.qweight, m.qzeros, m.scales, m.g_idx, D, GROUP),
+        lambda m: (m.qweight, m.qzeros, m.scales),
+    )
+    _same_as_direct(
+        lambda: WQLinear_GEMM(*awq.quantize(w, GROUP), None),
+        lambda m: awq.orthogonalize_(m.qweight, m.qzeros, m.scales, D, GROUP),
+        lambda m: (m.qweight, m.qzeros, m.scales),
+    )
+    _same_as_direct(
+        lambda: dict(zip(("qweight", "qzeros", "scales"), awq.quantize(w, GROUP), strict=True)),
+        lambda m: awq.orthogonalize_(m["qweight"], m["qzeros"], m["scales"], D, GROUP),
+        lambda m: (m["qweight"], m["qzeros"], m["scales"]),
+    )
+    _same_as_direct(
+        lambda: FP8Linear(*fp8.quantize(w, (128, 128))),
+        lambda m: fp8.orthogonalize_(m.weight.data, m.weight_scale_inv.data, D),
+        lambda m: (m.weight.data, m.weight_scale_inv.data),
+    )
+
+
+def test_unrecognized_module_raises_type_error():
+    with pytest.raises(TypeError, match="not a recognized quantized weight"):
+        orthogonalize_quantized_(torch.nn.Linear(IN, OUT), D)
