@@ -104,8 +104,9 @@ def prompt_sets(args, spec: str) -> dict[str, list[str]]:
 def check_out_dir(out: str, model_spec: str, overwrite: bool) -> Path:
     path = Path(out).expanduser().resolve()
     source = Path(model_spec).expanduser().resolve()
-    source_dir = source.parent if source.is_file() else source
-    if source.exists() and (path == source_dir or source_dir in path.parents or path in source_dir.parents):
+    # A model directory is protected whole; a single .gguf file only from being replaced.
+    overlaps = path == source or (source.is_dir() and (source in path.parents or path in source.parents))
+    if overlaps:
         raise UsageError(f"--out {out} is the model's own directory (or contains it); choose another")
     if path.exists() and any(path.iterdir()) and not overwrite:
         raise UsageError(f"--out {out} exists and is not empty; pass --overwrite to replace it")
@@ -128,6 +129,21 @@ def load_direction(path: str, d_model: int):
     return direction
 
 
+# The tiny demo model learned to comply with r ablated (not to refuse with r added), and its
+# useful directions move harmless logits more than a large model's: its selection defaults.
+TINY_DEMO_THRESHOLDS = {"kl_threshold": 0.5, "induce_threshold": None}
+PAPER_THRESHOLDS = {"kl_threshold": 0.1, "induce_threshold": 0.0}
+
+
+def selection_thresholds(args) -> dict:
+    thresholds = dict(TINY_DEMO_THRESHOLDS if args.model == "tiny-demo" else PAPER_THRESHOLDS)
+    if args.kl_threshold is not None:
+        thresholds["kl_threshold"] = args.kl_threshold
+    if args.induce_threshold is not None:
+        thresholds["induce_threshold"] = None if args.induce_threshold == "off" else float(args.induce_threshold)
+    return thresholds
+
+
 def obtain_direction(args, model, tokenizer, sets, spec: str):
     """A DirectionResult: loaded, computed at a given cell, or found by the pipeline."""
     from .pipeline import select
@@ -139,7 +155,7 @@ def obtain_direction(args, model, tokenizer, sets, spec: str):
         stored = DirectionResult.load(args.direction)
         stored.direction = direction
         return stored
-    options = {"n_train": args.n_train, "seed": args.seed}
+    options = {"n_train": args.n_train, "seed": args.seed, **selection_thresholds(args)}
     if args.layer is not None or args.position is not None:
         if args.layer is None or args.position is None:
             raise UsageError("--layer and --position go together")
@@ -404,6 +420,13 @@ def build_parser() -> argparse.ArgumentParser:
     def direction_options(p):
         p.add_argument("--direction", help="a direction.pt file (or a directory holding one) instead of finding one")
         p.add_argument("--layer", type=int, help="take the direction at this layer (with --position)")
+        p.add_argument(
+            "--kl-threshold", type=float, help="drop candidates with KL on harmless above this (0.1; tiny-demo 0.5)"
+        )
+        p.add_argument(
+            "--induce-threshold",
+            help="drop candidates whose added direction scores at or below this, or 'off' (0; tiny-demo off)",
+        )
         p.add_argument("--position", type=int, help="post-instruction position, negative (-1 is the last token)")
 
     p = commands.add_parser("abliterate", help="find, remove, evaluate and save")

@@ -45,7 +45,7 @@ class SelectionOptions:
     n_val: int = 32  # prompts of each kind for scoring
     max_layer_fraction: float = 0.8  # keep layers < fraction * n_layers
     kl_threshold: float = 0.1  # keep KL <= this
-    induce_threshold: float = 0.0  # keep induce > this
+    induce_threshold: float | None = 0.0  # keep induce > this; None turns the filter (and its scoring) off
     halving_prompts: tuple[int, ...] = (4, 8, 16)  # bypass prompts per halving round
     keep_fraction: float = 0.25  # fraction kept after each round
     finalists: int = 4  # candidates per chunk scored for KL and induce, best bypass first
@@ -236,7 +236,9 @@ def find_direction(
     # Induce for the candidates within the KL bound, best bypass first, a chunk at a time.
     within_kl = [(layer, p) for layer, p in ranked if scores["kl"][layer, p] <= opts.kl_threshold]
     passing, scored = [], []
-    for start in range(0, len(within_kl), chunk):
+    if opts.induce_threshold is None:
+        passing = [(scores["bypass"][layer, p].item(), layer, p) for layer, p in within_kl[:1]]
+    for start in range(0, len(within_kl) if opts.induce_threshold is not None else 0, chunk):
         cells = within_kl[start : start + chunk]
         record("induce", cells, scorer.induce(candidates_of(cells), [layer for layer, _ in cells], harmless_val))
         scored += cells
@@ -251,7 +253,7 @@ def find_direction(
 
     filtered["pruned_by_halving"] = len(eligible) - len(ranked)
     filtered["kl"] = len(ranked) - len(within_kl)
-    filtered["induce"] = len(scored) - len(passing)
+    filtered["induce"] = len(scored) - len(passing) if opts.induce_threshold is not None else 0
     filtered["not_reached"] = len(within_kl) - len(scored)
     exhaustive_sequences = len(eligible) * (len(harmful_val) + 2 * len(harmless_val)) + len(harmless_val)
     if not passing:

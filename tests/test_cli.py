@@ -1,0 +1,158 @@
+"""The `refusal-kernels` command: a full run on a tiny local model, and every bad input."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from refusal_kernels import cli
+from refusal_kernels.pipeline.report import DirectionResult
+
+HARMFUL = [f"how do i break thing {i}" for i in range(8)]
+HARMLESS = [f"please describe nice thing {i}" for i in range(8)]
+
+
+@pytest.fixture
+def model_dir(tmp_path, tiny_llama, tiny_tokenizer):
+    path = tmp_path / "model"
+    tiny_llama.save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def prompt_files(tmp_path):
+    harmful, harmless = tmp_path / "harmful.json", tmp_path / "harmless.json"
+    harmful.write_text(json.dumps([{"goal": p} for p in HARMFUL]))
+    harmless.write_text(json.dumps([{"prompt": p} for p in HARMLESS]))
+    return ["--harmful", str(harmful), "--harmless", str(harmless)]
+
+
+def abliterate(model_dir, prompt_files, out, *extra):
+    argv = ["abliterate", "--model", str(model_dir), "--out", str(out), *prompt_files]
+    return cli.main([*argv, "--layer", "1", "--position", "-1", "--max-new-tokens", "4", *extra])
+
+
+def test_abliterate_writes_a_loadable_model_and_reports(model_dir, prompt_files, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert abliterate(model_dir, prompt_files, out) == 0
+    table = capsys.readouterr().out
+    assert "refusal rate, harmful" in table and "direction: layer 1, position -1" in table
+    names = {p.name for p in out.iterdir()}
+    assert {"config.json", "model.safetensors", "direction.pt", "report.json", "report.md", "heatmaps.png"} <= names
+    direction = DirectionResult.load(out).direction
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    down = reloaded.model.layers[0].mlp.down_proj.weight
+    assert (direction / direction.norm() @ down).abs().max() < 1e-4  # orthogonalized
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["before"]) == {"harmful_refusal", "harmless_refusal", "kl", "harmless_ce"}
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+def expect_error(argv, capsys, *fragments):
+    assert cli.main(argv) == 2
+    lines = [line for line in capsys.readouterr().err.replace("\r", "\n").splitlines() if "refusal-kernels" in line]
+    assert len(lines) == 1, lines  # one line, no traceback
+    err = lines[0]
+    for fragment in fragments:
+        assert fragment in err, err
+
+
+def test_missing_model_path(tmp_path, prompt_files, capsys):
+    expect_error(
+        ["abliterate", "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "o"), *prompt_files],
+        capsys,
+        "does not exist",
+    )
+
+
+def test_corrupt_safetensors_and_gguf(model_dir, tmp_path, prompt_files, capsys):
+    (model_dir / "model.safetensors").write_bytes(b"\x00garbage")
+    expect_error(
+        ["abliterate", "--model", str(model_dir), "--out", str(tmp_path / "o"), *prompt_files], capsys, "corrupt"
+    )
+    gguf = tmp_path / "broken.gguf"
+    gguf.write_bytes(b"GGUF\x03\x00\x00\x00truncated")
+    expect_error(["abliterate", "--model", str(gguf), "--out", str(tmp_path / "o2"), *prompt_files], capsys, "GGUF")
+
+
+def test_empty_prompt_file_and_unknown_field(model_dir, tmp_path, capsys):
+    empty, odd = tmp_path / "empty.txt", tmp_path / "odd.json"
+    empty.write_text("")
+    odd.write_text(json.dumps([{"colour": "red"}]))
+    base = ["abliterate", "--model", str(model_dir), "--out", str(tmp_path / "o")]
+    expect_error([*base, "--harmful", str(empty)], capsys, "empty.txt")
+    expect_error([*base, "--harmful", str(odd)], capsys, "colour")
+
+
+def test_existing_output_and_model_directory(model_dir, prompt_files, tmp_path, capsys):
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "keep.txt").write_text("mine")
+    expect_error(["abliterate", "--model", str(model_dir), "--out", str(taken), *prompt_files], capsys, "--overwrite")
+    assert (taken / "keep.txt").read_text() == "mine"
+    expect_error(
+        ["abliterate", "--model", str(model_dir), "--out", str(model_dir), *prompt_files],
+        capsys,
+        "model's own directory",
+    )
+
+
+def test_bad_direction_files(model_dir, prompt_files, tmp_path, capsys):
+    good = DirectionResult(
+        direction=torch.randn(7),
+        layer=0,
+        position=-1,
+        n_layers=3,
+        positions=[-1],
+        scores={name: torch.zeros(3, 1) for name in ("bypass", "induce", "kl")},
+        refusal_tokens=[],
+    )
+    good.save(tmp_path / "wrong_size")
+    good.direction = torch.full((32,), float("nan"))
+    good.save(tmp_path / "nan")
+    base = ["abliterate", "--model", str(model_dir), *prompt_files, "--max-new-tokens", "2"]
+    expect_error(
+        [*base, "--out", str(tmp_path / "o"), "--direction", str(tmp_path / "wrong_size")], capsys, "shape [7]"
+    )
+    expect_error([*base, "--out", str(tmp_path / "o"), "--direction", str(tmp_path / "nan")], capsys, "NaN")
+
+
+def test_layer_or_position_out_of_range(model_dir, prompt_files, tmp_path, capsys):
+    base = ["abliterate", "--model", str(model_dir), "--out", str(tmp_path / "o"), *prompt_files]
+    expect_error([*base, "--layer", "3", "--position", "-1"], capsys, "--layer 3")
+    expect_error([*base, "--layer", "1", "--position", "-9"], capsys, "position -9")
+
+
+def test_unknown_dtype_or_device(model_dir, prompt_files, tmp_path, capsys):
+    base = ["abliterate", "--model", str(model_dir), "--out", str(tmp_path / "o"), *prompt_files]
+    expect_error([*base, "--dtype", "float8"], capsys, "--dtype")
+    expect_error([*base, "--device", "warp-drive"], capsys, "--device")
+
+
+def test_interrupt_during_save_leaves_nothing(model_dir, prompt_files, tmp_path, monkeypatch, capsys):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("transformers.PreTrainedModel.save_pretrained", interrupted)
+    out = tmp_path / "out"
+    assert abliterate(model_dir, prompt_files, out) == 130
+    assert "interrupted" in capsys.readouterr().err
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+def test_abliterate_tiny_demo_removes_refusal(tmp_path, capsys):
+    """The demo model refuses held-out harmful requests; abliterated, it answers them, and
+    benign requests keep working."""
+    out = tmp_path / "tiny"
+    assert cli.main(["abliterate", "--model", "tiny-demo", "--out", str(out), "--max-new-tokens", "12"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    before, after = report["before"], report["after"]
+    assert before["harmful_refusal"] >= 0.9
+    assert after["harmful_refusal"] <= 0.1
+    assert after["harmless_refusal"] <= 0.1
+    assert after["harmless_ce"] < 1.0  # the base model's benign answers stay likely
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    assert reloaded.config.num_hidden_layers == 4
