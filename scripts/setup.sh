@@ -14,5 +14,5 @@ pip() { .venv/bin/python -m pip --disable-pip-version-check -q "$@"; }
 pip install "torch==${TORCH_VERSION:-2.14.1}"
 pip install setuptools wheel ninja numpy
 # --no-build-isolation: build against the torch above instead of pulling a second one.
-pip install --no-build-isolation -e ".[hf,test]"
+pip install --no-build-isolation -e ".[hf,test,demo]"
 .venv/bin/python -c "import refusal_kernels, refusal_kernels.backends as b; print('refusal_kernels', refusal_kernels.__version__, '| CUDA kernels built:', b.has_cuda_kernels())"
