@@ -32,7 +32,8 @@ def peak_extra_memory_mib(fn) -> float | None:
 def ratio_rows(benchmarks) -> list[dict]:
     by_group = defaultdict(dict)
     for bench in benchmarks:
-        by_group[bench["group"]][bench["extra_info"]["impl"]] = bench
+        if "impl" in bench["extra_info"]:  # benchmarks outside the op/impl convention report their own figures
+            by_group[bench["group"]][bench["extra_info"]["impl"]] = bench
     rows = []
     for group, impls in sorted(by_group.items()):
         eager = impls.get("eager")
