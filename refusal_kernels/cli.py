@@ -202,9 +202,22 @@ def print_table(before, after, result, timings: dict[str, float]) -> None:
     print("time: " + ", ".join(f"{stage} {seconds:.1f}s" for stage, seconds in timings.items()))
 
 
+def evaluate_sets(model, tokenizer, sets: dict[str, list[str]], args, baseline=None):
+    """Greedy refusal rates, KL and cross-entropy on the held-out prompts."""
+    from .pipeline import evaluate
+
+    return evaluate.evaluate(
+        model,
+        tokenizer,
+        sets["harmful_val"],
+        sets["harmless_val"],
+        baseline=baseline,
+        max_new_tokens=args.max_new_tokens,
+    )
+
+
 def cmd_abliterate(args) -> int:
     from . import hf
-    from .pipeline import evaluate as ev
 
     spec = resolve_model(args.model)
     out = check_out_dir(args.out, spec, args.overwrite)
@@ -216,9 +229,7 @@ def cmd_abliterate(args) -> int:
     timings["direction"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
-    before = ev.evaluate(
-        model, tokenizer, sets["harmful_val"], sets["harmless_val"], max_new_tokens=args.max_new_tokens
-    )
+    before = evaluate_sets(model, tokenizer, sets, args)
     timings["evaluate_before"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
@@ -230,14 +241,7 @@ def cmd_abliterate(args) -> int:
     timings["apply"] = time.perf_counter() - clock
     with applied:
         clock = time.perf_counter()
-        after = ev.evaluate(
-            model,
-            tokenizer,
-            sets["harmful_val"],
-            sets["harmless_val"],
-            baseline=before,
-            max_new_tokens=args.max_new_tokens,
-        )
+        after = evaluate_sets(model, tokenizer, sets, args, baseline=before)
         timings["evaluate_after"] = time.perf_counter() - clock
 
     report = {
@@ -318,24 +322,16 @@ def cmd_direction(args) -> int:
 
 def cmd_evaluate(args) -> int:
     from . import hf
-    from .pipeline import evaluate as ev
 
     spec = resolve_model(args.model)
     sets = prompt_sets(args, spec)
     spec, model, tokenizer, _ = load(args)
-    base = ev.evaluate(model, tokenizer, sets["harmful_val"], sets["harmless_val"], max_new_tokens=args.max_new_tokens)
+    base = evaluate_sets(model, tokenizer, sets, args)
     summary = {"base": base.summary()}
     if args.direction:
         direction = load_direction(args.direction, model.config.hidden_size)
         with hf.patch(model, direction):
-            summary["ablated"] = ev.evaluate(
-                model,
-                tokenizer,
-                sets["harmful_val"],
-                sets["harmless_val"],
-                baseline=base,
-                max_new_tokens=args.max_new_tokens,
-            ).summary()
+            summary["ablated"] = evaluate_sets(model, tokenizer, sets, args, baseline=base).summary()
     print(json.dumps(summary, indent=2))
     return 0
 
