@@ -95,6 +95,7 @@ def plot_heatmaps(result: DirectionResult, file) -> None:
 
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     titles = {
         "bypass": "refusal score, direction ablated (harmful)",
@@ -108,8 +109,12 @@ def plot_heatmaps(result: DirectionResult, file) -> None:
         ax.set_yticks(range(len(result.positions)), [str(p) for p in result.positions])
         ax.set_ylabel("position")
         ax.plot([result.layer], [result.positions.index(result.position)], marker="*", color="red", markersize=12)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if torch.isnan(result.scores[name]).all():
+            ax.text(0.5, 0.5, "not scored (filter off)", transform=ax.transAxes, ha="center", va="center")
         fig.colorbar(image, ax=ax)
     axes[-1].set_xlabel("layer (blank: not scored, pruned or filtered)")
-    fig.suptitle(f"{result.source or 'model'}: selected layer {result.layer}, position {result.position}")
+    model_name = Path(result.source).name if result.source else "model"
+    fig.suptitle(f"{model_name}: selected layer {result.layer}, position {result.position}")
     fig.savefig(file, format="png", dpi=110)
     plt.close(fig)
