@@ -60,20 +60,22 @@ class PatchHandle:
         self.remove()
 
 
-def _layer_input(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
+def layer_input(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
+    """The residual stream a decoder layer receives, from its forward pre-hook arguments."""
     return args[0] if args else kwargs["hidden_states"]
 
 
-def _first_tensor(output: Any) -> torch.Tensor:
+def written_tensor(output: Any) -> torch.Tensor:
+    """What a writer module adds to the residual stream: its output, or its output's first item."""
     return output if isinstance(output, torch.Tensor) else output[0]
 
 
 def _ablating_hooks(layer: families.LayerStructure, direction: torch.Tensor, scale: float) -> list[RemovableHandle]:
     def ablate_input(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        ops.ablate_(_layer_input(args, kwargs), direction, scale)
+        ops.ablate_(layer_input(args, kwargs), direction, scale)
 
     def ablate_output(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-        ops.ablate_(_first_tensor(output), direction, scale)
+        ops.ablate_(written_tensor(output), direction, scale)
 
     return [
         layer.layer.register_forward_pre_hook(ablate_input, with_kwargs=True),
@@ -162,6 +164,6 @@ def add_direction(model: nn.Module, direction: torch.Tensor, *, layer: int, alph
     alpha = float(alpha)
 
     def add(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        _layer_input(args, kwargs).add_(vector, alpha=alpha)
+        layer_input(args, kwargs).add_(vector, alpha=alpha)
 
     return PatchHandle([target.register_forward_pre_hook(add, with_kwargs=True)])

@@ -12,11 +12,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..hf.hooks import layer_input
 from . import chat
-
-
-def _hidden_states_of(args, kwargs) -> torch.Tensor:
-    return args[0] if args else kwargs["hidden_states"]
 
 
 @torch.inference_mode()
@@ -41,7 +38,7 @@ def mean_activations(
 
     def accumulate(index: int):
         def hook(module, args, kwargs):
-            tail = _hidden_states_of(args, kwargs)[:, -n_positions:, :].float().sum(0)
+            tail = layer_input(args, kwargs)[:, -n_positions:, :].float().sum(0)
             sums[index] = tail if sums[index] is None else sums[index].add_(tail)
 
         return hook

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from . import chat, judge
+from .scoring import last_token_logits
 
 
 @dataclass
@@ -53,7 +54,7 @@ def evaluate(
     harmless_answers = judge.generate(
         model, tokenizer, harmless, max_new_tokens=max_new_tokens, batch_size=batch_size, description="harmless answers"
     )
-    logits = last_prompt_logits(model, tokenizer, harmless, batch_size)
+    logits = last_token_logits(model, tokenizer, harmless, batch_size)
     kl = None
     if baseline is not None:
         log_p = torch.log_softmax(baseline.harmless_logits, dim=-1)
@@ -71,17 +72,6 @@ def evaluate(
         harmless_answers=harmless_answers.texts,
         harmless_logits=logits,
     )
-
-
-def last_prompt_logits(model: nn.Module, tokenizer, instructions: Sequence[str], batch_size: int) -> torch.Tensor:
-    device = next(model.parameters()).device
-    out = None
-    for batch in chat.batches(tokenizer, instructions, batch_size):
-        logits = model(**batch.to(device).model_inputs(), use_cache=False, logits_to_keep=1).logits[:, -1].float().cpu()
-        if out is None:
-            out = torch.empty(len(instructions), logits.shape[-1])
-        out[batch.rows] = logits
-    return out
 
 
 def completion_cross_entropy(

@@ -19,6 +19,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .. import ops
+from ..hf import families
+from ..hf.hooks import layer_input, written_tensor
 from . import chat, judge
 
 
@@ -30,17 +32,11 @@ class Sites:
     @classmethod
     def of(cls, model: nn.Module) -> Sites:
         """The sites of a transformers causal LM, from its module structure."""
-        from ..hf import families
-
         structure = families.describe_model(model)
         return cls(
             layers=[layer.layer for layer in structure.layers],
             writers=[site for layer in structure.layers for site in (layer.attention_site, layer.mlp_site)],
         )
-
-
-def _first_tensor(value) -> torch.Tensor:
-    return value[0] if isinstance(value, tuple) else value
 
 
 @dataclass
@@ -70,10 +66,10 @@ def row_ablation(sites: Sites, current: _RowCandidates) -> Iterator[None]:
         ops.ablate_indexed_(hidden, directions, index)
 
     def before_layer(module, args, kwargs):
-        ablate(args[0] if args else kwargs["hidden_states"])
+        ablate(layer_input(args, kwargs))
 
     def after_writer(module, args, output):
-        ablate(_first_tensor(output))
+        ablate(written_tensor(output))
 
     handles = [layer.register_forward_pre_hook(before_layer, with_kwargs=True) for layer in sites.layers]
     handles += [writer.register_forward_hook(after_writer) for writer in sites.writers]
@@ -92,7 +88,7 @@ def row_addition(sites: Sites, layer_of_row: list[torch.Tensor], vectors: list[t
         def hook(module, args, kwargs):
             rows, add = layer_of_row[layer_index], vectors[layer_index]
             if rows.numel():
-                hidden = args[0] if args else kwargs["hidden_states"]
+                hidden = layer_input(args, kwargs)
                 hidden[rows.to(hidden.device)] += add.to(hidden.device, hidden.dtype)[:, None, :]
 
         return hook
@@ -103,6 +99,26 @@ def row_addition(sites: Sites, layer_of_row: list[torch.Tensor], vectors: list[t
     finally:
         for handle in handles:
             handle.remove()
+
+
+def _next_token_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Logits [B, vocab] float32 (CPU) after the last position; only that position is computed."""
+    device = next(model.parameters()).device
+    out = model(
+        input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False, logits_to_keep=1
+    )
+    return out.logits[:, -1, :].float().cpu()
+
+
+def last_token_logits(model: nn.Module, tokenizer, instructions: Sequence[str], batch_size: int) -> torch.Tensor:
+    """Next-token logits after each rendered instruction: [N, vocab] float32 (CPU), in order."""
+    out = None
+    for batch in chat.batches(tokenizer, instructions, batch_size):
+        logits = _next_token_logits(model, batch.input_ids, batch.attention_mask)
+        if out is None:
+            out = torch.empty(len(instructions), logits.shape[-1])
+        out[batch.rows] = logits
+    return out
 
 
 class Scorer:
@@ -117,28 +133,16 @@ class Scorer:
         self.refusal_tokens = list(refusal_tokens)
         self.batch_size = batch_size
         self.sequences = 0
-        self.device = next(model.parameters()).device
 
     @torch.inference_mode()
     def last_logits(self, instructions: Sequence[str]) -> torch.Tensor:
         """Unmodified next-token logits [N, vocab] float32 (CPU), in the caller's order."""
-        out = torch.empty(0)
-        for batch in chat.batches(self.tokenizer, instructions, self.batch_size):
-            logits = self._forward(batch.input_ids, batch.attention_mask)
-            if out.numel() == 0:
-                out = torch.empty(len(instructions), logits.shape[-1])
-            out[batch.rows] = logits
-        return out
+        self.sequences += len(instructions)
+        return last_token_logits(self.model, self.tokenizer, instructions, self.batch_size)
 
     def _forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         self.sequences += input_ids.shape[0]
-        out = self.model(
-            input_ids=input_ids.to(self.device),
-            attention_mask=attention_mask.to(self.device),
-            use_cache=False,
-            logits_to_keep=1,
-        )
-        return out.logits[:, -1, :].float().cpu()
+        return _next_token_logits(self.model, input_ids, attention_mask)
 
     def _per_candidate(
         self, instructions: Sequence[str], num_candidates: int, run_chunk, description: str
