@@ -21,33 +21,91 @@ untouched, at the price of one ablation per token and layer at inference time.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from functools import partial
 from types import SimpleNamespace
 
 import torch
 
 from . import awq, fp8, gptq, int8, nf4
+from ._ops import check_awq, check_fp8, check_int8
 
-__all__ = ["awq", "fp8", "gptq", "int8", "nf4", "orthogonalize_quantized_"]
+__all__ = ["QuantizedWeight", "awq", "find_quantized_weight", "fp8", "gptq", "int8", "nf4", "orthogonalize_quantized_"]
 
 _FP8_SCALE_NAMES = ("weight_scale_inv", "weight_scale")
+_INT4_FORMATS = ("gptq", "awq")
+
+
+@dataclass(frozen=True)
+class QuantizedWeight:
+    """A quantized [out, in] weight found by `find_quantized_weight`, ready to be orthogonalized.
+
+    format: "torchao-int8", "bitsandbytes-int8", "bitsandbytes-nf4" (or "-fp4"), "gptq",
+        "awq" or "fp8".
+    tensor_name: the attribute that holds the main stored tensor ("weight" or "qweight").
+    shape: (out, in) of the dequantized weight.
+    storage: every tensor the edit writes, so that a caller can copy them first.
+    """
+
+    format: str
+    tensor_name: str
+    shape: tuple[int, int]
+    storage: tuple[torch.Tensor, ...]
+    # The format's check and orthogonalize_ with the stored tensors bound; direction and scale by keyword.
+    _check: Callable[..., object]
+    _orthogonalize: Callable[..., None]
+
+    def check(self, direction: torch.Tensor, scale: float = 1.0) -> None:
+        """Raise the op's ValueError/TypeError for these tensors and this direction; writes nothing."""
+        self._check(direction=direction, scale=scale)
+
+    def orthogonalize_(self, direction: torch.Tensor, scale: float = 1.0) -> None:
+        """W <- W - scale * d (d^T W) on the stored tensors, in place."""
+        self._orthogonalize(direction=direction, scale=scale)
 
 
 def _attr(obj, name):
     return getattr(obj, name, None)
 
 
-def _bitsandbytes_int8(module) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(CB, SCB) of a Linear8bitLt: on the weight before the first forward, on module.state after it."""
+def _declared(target, *names: str) -> int | None:
+    """An integer attribute that quantization libraries spell in different ways, if present."""
+    return next((int(v) for name in names if isinstance(v := _attr(target, name), int)), None)
+
+
+def _torchao_int8(weight) -> QuantizedWeight:
+    qdata, row_scale = weight.qdata, weight.scale
+    if qdata.dtype != torch.int8:
+        raise TypeError(f"only int8 torchao tensors are supported, got qdata of dtype {qdata.dtype}")
+    return QuantizedWeight(
+        "torchao-int8",
+        "weight",
+        tuple(qdata.shape),
+        (qdata, row_scale),
+        partial(check_int8, qdata, row_scale),
+        partial(int8.orthogonalize_, qdata, row_scale),
+    )
+
+
+def _bitsandbytes_int8(module) -> QuantizedWeight | None:
+    """CB and SCB of a Linear8bitLt: on the weight before the first forward, on module.state after it."""
     weight, state = _attr(module, "weight"), _attr(module, "state")
     for holder in (weight, state):
         cb, scb = _attr(holder, "CB"), _attr(holder, "SCB")
         if isinstance(cb, torch.Tensor) and isinstance(scb, torch.Tensor):
-            return cb, scb
+            return QuantizedWeight(
+                "bitsandbytes-int8",
+                "weight",
+                tuple(cb.shape),
+                (cb, scb),
+                partial(check_int8, cb, scb),
+                partial(int8.orthogonalize_, cb, scb, absmax_scale=True),
+            )
     return None
 
 
-def _bitsandbytes_nf4(module) -> nf4.NF4Weight | None:
+def _bitsandbytes_4bit(module) -> QuantizedWeight | None:
     weight = _attr(module, "weight")
     state = _attr(weight, "quant_state")
     if state is None:
@@ -63,34 +121,128 @@ def _bitsandbytes_nf4(module) -> nf4.NF4Weight | None:
             "nested_code": state.state2.code,
             "nested_blocksize": state.state2.blocksize,
         }
-    return nf4.NF4Weight(weight.data, state.absmax, state.code, state.blocksize, **nested)
+    q = nf4.NF4Weight(weight.data, state.absmax, state.code, state.blocksize, **nested)
+    written = (q.packed, q.absmax, q.nested_absmax, q.nested_offset)
+    return QuantizedWeight(
+        f"bitsandbytes-{quant_type or 'nf4'}",
+        "weight",
+        tuple(state.shape),
+        tuple(t for t in written if t is not None),
+        partial(nf4.check, q),
+        partial(nf4.orthogonalize_, q),
+    )
 
 
-def _is_awq(target, qweight: torch.Tensor, scales: torch.Tensor) -> bool:
-    """AWQ packs along out (qweight [in, out/8]), GPTQ along in (qweight [in/8, out]); scales is [groups, out]."""
-    hint = f"{_attr(target, 'quant_method') or ''} {type(target).__name__}".lower()
-    out_features = scales.shape[-1]
-    by_shape = qweight.shape[1] * 8 == out_features and qweight.shape[1] != out_features
-    if "awq" in hint or "gptq" in hint:
-        return "awq" in hint
-    return by_shape
+def _int4_format(target, qweight: torch.Tensor, scales: torch.Tensor, out_features: int | None) -> str:
+    """ "gptq" or "awq", from where qweight is packed: GPTQ along in ([in / 8, out]), AWQ along out ([in, out / 8]).
+
+    A class name, module or `quant_method` that names one of them must agree with the shape.
+    """
+    if qweight.dim() != 2 or scales.dim() != 2:
+        raise ValueError(f"qweight and scales must be 2-D, got shapes {tuple(qweight.shape)} and {tuple(scales.shape)}")
+    out = out_features if out_features is not None else scales.shape[1]
+    fitting = [
+        name for name, packed_out in zip(_INT4_FORMATS, (out, out / 8), strict=True) if qweight.shape[1] == packed_out
+    ]
+    if len(fitting) != 1:
+        raise ValueError(
+            f"qweight shape {tuple(qweight.shape)} is neither GPTQ packing [in / 8, {out}] nor AWQ packing "
+            f"[in, {out} / 8] for out_features = {out}"
+        )
+    hint = f"{_attr(target, 'quant_method') or ''} {type(target).__module__} {type(target).__name__}".lower()
+    named = [name for name in _INT4_FORMATS if name in hint]
+    if len(named) == 1 and named != fitting:
+        raise ValueError(
+            f"{type(target).__name__} is marked {named[0].upper()}, but qweight shape {tuple(qweight.shape)} "
+            f"is {fitting[0].upper()} packing"
+        )
+    return fitting[0]
+
+
+def _gptq_or_awq(target, out_features: int | None) -> QuantizedWeight:
+    qweight, qzeros, scales = target.qweight, target.qzeros, target.scales
+    fmt = _int4_format(target, qweight, scales, out_features)
+    out = out_features if out_features is not None else scales.shape[1]
+    in_features = 8 * qweight.shape[0] if fmt == "gptq" else qweight.shape[0]
+    # Libraries that record the layer's size or bit width must agree with the packed shapes.
+    for what, declared, found in (
+        ("in_features", _declared(target, "in_features", "infeatures"), in_features),
+        ("out_features", _declared(target, "out_features", "outfeatures"), out),
+        ("bits", _declared(target, "bits", "w_bit"), 4),
+    ):
+        if declared is not None and declared != found:
+            raise ValueError(
+                f"{what} is {declared}, but qweight shape {tuple(qweight.shape)} holds {fmt} {what} {found}"
+            )
+    num_groups = scales.shape[0]
+    if num_groups == 0 or in_features % num_groups:
+        raise ValueError(
+            f"scales shape {tuple(scales.shape)} does not split in_features = {in_features} into equal groups"
+        )
+    group_size = in_features // num_groups
+    if fmt == "awq":
+        check = partial(check_awq, qweight, qzeros, scales, group_size=group_size)
+        run = partial(awq.orthogonalize_, qweight, qzeros, scales, group_size=group_size)
+    else:
+        g_idx = _attr(target, "g_idx")
+        check = partial(gptq.check, qweight, qzeros, scales, g_idx, group_size=group_size)
+        run = partial(gptq.orthogonalize_, qweight, qzeros, scales, g_idx, group_size=group_size)
+    return QuantizedWeight(fmt, "qweight", (out, in_features), (qweight, qzeros, scales), check, run)
+
+
+def _fp8(target, weight: torch.Tensor) -> QuantizedWeight:
+    weight_scale = next((s for name in _FP8_SCALE_NAMES if (s := _attr(target, name)) is not None), None)
+    if weight_scale is None:
+        raise TypeError(f"fp8 weight without any of {_FP8_SCALE_NAMES}")
+    weight, weight_scale = weight.data, weight_scale.data
+    return QuantizedWeight(
+        "fp8",
+        "weight",
+        tuple(weight.shape),
+        (weight, weight_scale),
+        partial(check_fp8, weight, weight_scale),
+        partial(fp8.orthogonalize_, weight, weight_scale),
+    )
+
+
+def find_quantized_weight(module_or_tensors, out_features: int | None = None) -> QuantizedWeight | None:
+    """The quantized weight held by a module, mapping or tensor; None when it holds none.
+
+    Recognized by attributes, so that the quantization libraries need not be installed here:
+      * a torchao int8 tensor (qdata int8 [N, K], scale [N, 1]), or a module whose weight is one
+      * bitsandbytes Linear8bitLt (weight.CB / weight.SCB, or state.CB / state.SCB)
+      * bitsandbytes Linear4bit (weight.quant_state; NF4 or FP4, nested or not)
+      * a module or mapping with qweight, qzeros, scales (and optional g_idx): GPTQ or AWQ,
+        told apart by the packed shapes (against `out_features`, by default scales' width)
+      * an fp8 module or mapping: weight float8_e4m3fn with weight_scale_inv or weight_scale
+
+    Raises:
+        ValueError: GPTQ/AWQ tensors whose shapes agree with neither layout, or with
+            something the module declares (its class, in/out features, bit width).
+        TypeError: a quantized weight of a kind no op supports.
+    """
+    target = module_or_tensors
+    if isinstance(target, Mapping):
+        target = SimpleNamespace(**target)
+    weight = target if isinstance(target, torch.Tensor) else _attr(target, "weight")
+
+    if isinstance(_attr(weight, "qdata"), torch.Tensor) and isinstance(_attr(weight, "scale"), torch.Tensor):
+        return _torchao_int8(weight)
+    found = _bitsandbytes_int8(target) or _bitsandbytes_4bit(target)
+    if found is not None:
+        return found
+    if all(isinstance(_attr(target, name), torch.Tensor) for name in ("qweight", "qzeros", "scales")):
+        return _gptq_or_awq(target, out_features)
+    if isinstance(weight, torch.Tensor) and weight.dtype == torch.float8_e4m3fn:
+        return _fp8(target, weight)
+    return None
 
 
 def orthogonalize_quantized_(module_or_tensors, direction: torch.Tensor, scale: float = 1.0):
     """W <- W - scale * d (d^T W) on a quantized residual-stream writer, in place.
 
     Args:
-        module_or_tensors: one of (recognized by attributes, so that the quantization
-            libraries need not be installed here):
-              * bitsandbytes Linear8bitLt (weight.CB / weight.SCB, or state.CB / state.SCB)
-              * bitsandbytes Linear4bit (weight.quant_state; NF4 or FP4, nested or not)
-              * a module or mapping with qweight, qzeros, scales (and optional g_idx):
-                GPTQ or AWQ, told apart by a `quant_method` attribute or class name when
-                present, else by the packed shapes
-              * a torchao int8 tensor (qdata int8 [N, K], scale [N, 1]), or a module whose
-                weight is one
-              * an fp8 module or mapping: weight float8_e4m3fn with weight_scale_inv or
-                weight_scale
+        module_or_tensors: anything `find_quantized_weight` recognizes.
         direction: [d_model] (the weight's out_features), any float dtype.
         scale: 1 removes the component, as in `refusal_kernels.orthogonalize_`.
 
@@ -99,36 +251,14 @@ def orthogonalize_quantized_(module_or_tensors, direction: torch.Tensor, scale: 
 
     Raises:
         TypeError: nothing recognizable as a supported quantized weight.
+        ValueError: as `find_quantized_weight`, and the op's own checks.
     """
-    target = module_or_tensors
-    if isinstance(target, Mapping):
-        target = SimpleNamespace(**target)
-    weight = target if isinstance(target, torch.Tensor) else _attr(target, "weight")
-
-    if isinstance(_attr(weight, "qdata"), torch.Tensor) and isinstance(_attr(weight, "scale"), torch.Tensor):
-        if weight.qdata.dtype != torch.int8:
-            raise TypeError(f"only int8 torchao tensors are supported, got qdata of dtype {weight.qdata.dtype}")
-        int8.orthogonalize_(weight.qdata, weight.scale, direction, scale)
-    elif (int8_storage := _bitsandbytes_int8(target)) is not None:
-        int8.orthogonalize_(*int8_storage, direction, scale, absmax_scale=True)
-    elif (nf4_weight := _bitsandbytes_nf4(target)) is not None:
-        nf4.orthogonalize_(nf4_weight, direction, scale)
-    elif all(isinstance(_attr(target, name), torch.Tensor) for name in ("qweight", "qzeros", "scales")):
-        qweight, qzeros, scales = target.qweight, target.qzeros, target.scales
-        if _is_awq(target, qweight, scales):
-            awq.orthogonalize_(qweight, qzeros, scales, direction, qweight.shape[0] // scales.shape[0], scale)
-        else:
-            group_size = 8 * qweight.shape[0] // scales.shape[0]
-            gptq.orthogonalize_(qweight, qzeros, scales, _attr(target, "g_idx"), direction, group_size, scale)
-    elif isinstance(weight, torch.Tensor) and weight.dtype == torch.float8_e4m3fn:
-        weight_scale = next((s for name in _FP8_SCALE_NAMES if (s := _attr(target, name)) is not None), None)
-        if weight_scale is None:
-            raise TypeError(f"fp8 weight without any of {_FP8_SCALE_NAMES}")
-        fp8.orthogonalize_(weight, weight_scale, direction, scale)
-    else:
+    quantized = find_quantized_weight(module_or_tensors)
+    if quantized is None:
         raise TypeError(
             f"{type(module_or_tensors).__name__} is not a recognized quantized weight: expected bitsandbytes "
             "Linear8bitLt/Linear4bit, GPTQ/AWQ qweight/qzeros/scales, a torchao int8 tensor, or an fp8 weight "
             "with weight_scale(_inv)"
         )
+    quantized.orthogonalize_(direction, scale)
     return module_or_tensors

@@ -66,12 +66,17 @@ def quantize(weight: torch.Tensor, group_size: int, g_idx: torch.Tensor | None =
     return pack(values), pack_zeros(zeros), scales
 
 
-def orthogonalize_reference_(qweight, qzeros, scales, g_idx, direction, group_size: int, scale: float = 1.0) -> None:
-    """Dequantize, orthogonalize in fp32, requantize with fresh scales and zeros; writes all three."""
+def check(qweight, qzeros, scales, g_idx, direction, group_size: int, scale: float = 1.0) -> None:
+    """The op's metadata checks and g_idx's range (read on the host); writes nothing."""
     check_gptq(qweight, qzeros, scales, g_idx, direction, group_size, scale)
     problem = None if g_idx is None else g_idx_problem(g_idx, scales.shape[0])
     if problem:
         raise ValueError(f"g_idx {problem}")
+
+
+def orthogonalize_reference_(qweight, qzeros, scales, g_idx, direction, group_size: int, scale: float = 1.0) -> None:
+    """Dequantize, orthogonalize in fp32, requantize with fresh scales and zeros; writes all three."""
+    check(qweight, qzeros, scales, g_idx, direction, group_size, scale)
     updated = _common.orthogonalized_float(dequantize(qweight, qzeros, scales, g_idx, group_size), direction, scale)
     for target, fresh in zip(
         (qweight, qzeros, scales), quantize(updated, group_size, g_idx, scales.dtype), strict=True

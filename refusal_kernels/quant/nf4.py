@@ -156,9 +156,14 @@ def op_args(q: NF4Weight, direction: torch.Tensor, scale: float) -> tuple:
     )
 
 
+def check(q: NF4Weight, direction: torch.Tensor, scale: float = 1.0) -> tuple[int, int]:
+    """The op's metadata checks; returns the weight's shape (out, in). Writes nothing."""
+    return check_nf4(*op_args(q, direction, scale))
+
+
 def orthogonalize_reference_(q: NF4Weight, direction: torch.Tensor, scale: float = 1.0) -> None:
     """Dequantize, orthogonalize in fp32, requantize with fresh absmax; writes every tensor of q."""
-    shape = check_nf4(*op_args(q, direction, scale))
+    shape = check(q, direction, scale)
     updated = _common.orthogonalized_float(dequantize(q, shape), direction, scale)
     fresh = quantize(updated, q.blocksize, q.nested_absmax is not None, q.nested_blocksize, q.code)
     q.packed.copy_(fresh.packed.reshape(q.packed.shape))
