@@ -9,6 +9,9 @@ read by its shape:
   * the attention writes through one output projection, the MLP through every down
     projection in its subtree (dense MLP, MoE experts as a module list or as a fused 3-D
     parameter, shared experts);
+  * a projection is an nn.Linear, a GPT-2 Conv1D, or a module holding a quantized weight that
+    `refusal_kernels.quant.find_quantized_weight` recognizes (bitsandbytes, torchao int8,
+    GPTQ, AWQ, fp8); its bias, if any, is a dense writer;
   * a layer with both a pre- and a post-feedforward norm ("sandwich" norms, Gemma 2/3) applies
     `post_attention_layernorm` to the attention output and `post_feedforward_layernorm` to the
     MLP output before adding them to the residual. Without the pre-feedforward norm,
@@ -32,6 +35,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
+
+from .. import quant
 
 # The names below are the single source of truth for every part of refusal_kernels.hf.
 ATTENTION_NAMES = ("self_attn", "attn", "attention")
@@ -60,19 +65,28 @@ class StructureError(ValueError):
 class ResidualWriter:
     """One parameter whose values are added to the residual stream.
 
-    name: the parameter's name in model.named_parameters() (and in its state dict).
+    name: the tensor's name in the model's state dict (a parameter, or a quantized module's
+        stored weight such as GPTQ's qweight buffer).
+    parameter: that tensor.
     layout: MATRIX or ROWS, see above.
     layer: the decoder layer it belongs to; None for embeddings.
     post_norm: the norm applied to its output before the residual add (Gemma 2/3), else None.
     post_norm_weight_name: the name of that norm's weight parameter, else None.
+    quantized: the quantized weight of a quantized projection (layout MATRIX), else None.
     """
 
     name: str
-    parameter: nn.Parameter
+    parameter: torch.Tensor
     layout: str
     layer: int | None
     post_norm: nn.Module | None = None
     post_norm_weight_name: str | None = None
+    quantized: quant.QuantizedWeight | None = None
+
+    @property
+    def storage(self) -> tuple[torch.Tensor, ...]:
+        """Every tensor that orthogonalizing this writer changes."""
+        return self.quantized.storage if self.quantized is not None else (self.parameter,)
 
 
 @dataclass(frozen=True)
@@ -146,22 +160,44 @@ def _find_layer_list(model: nn.Module) -> tuple[str, nn.ModuleList]:
     )
 
 
+def _quantized_weight(module: nn.Module, name: str, hidden_size: int) -> quant.QuantizedWeight | None:
+    """The quantized weight `module` holds, or None; a layout that does not add up raises, naming the module."""
+    try:
+        return quant.find_quantized_weight(module, out_features=hidden_size)
+    except ValueError as error:
+        raise StructureError(f"{name} ({type(module).__name__}): {error}") from error
+    except TypeError as error:
+        raise TypeError(f"{name} ({type(module).__name__}): {error}") from error
+
+
+def _is_projection(module: nn.Module, name: str, hidden_size: int) -> bool:
+    return isinstance(module, (nn.Linear, Conv1D)) or _quantized_weight(module, name, hidden_size) is not None
+
+
 def _projection_writers(
     module: nn.Module, name: str, hidden_size: int, layer: int, post_norm: tuple[nn.Module, str] | None
 ) -> list[ResidualWriter]:
-    """The weight (and bias) of an nn.Linear or GPT-2 Conv1D that outputs d_model."""
+    """The weight (and bias) of an nn.Linear, GPT-2 Conv1D or quantized linear that outputs d_model."""
     norm, norm_weight = post_norm if post_norm else (None, None)
-    if isinstance(module, nn.Linear) and module.out_features == hidden_size:
-        layout = MATRIX
-    elif isinstance(module, Conv1D) and module.nf == hidden_size:
-        layout = ROWS  # stored [d_in, d_model]: y = x W + b, so each row of W is a residual vector
-    else:
+    # Quantized first: bitsandbytes and torchao layers are nn.Linear subclasses.
+    quantized = _quantized_weight(module, name, hidden_size)
+    weight_name, layout, outputs = "weight", MATRIX, None
+    if quantized is not None:
+        weight_name, outputs = quantized.tensor_name, quantized.shape[0]
+    elif isinstance(module, nn.Linear):
+        outputs = module.out_features
+    elif isinstance(module, Conv1D):
+        layout, outputs = ROWS, module.nf  # stored [d_in, d_model]: y = x W + b, so each row of W is a residual vector
+    if outputs != hidden_size:
         raise StructureError(
-            f"{name} ({type(module).__name__}): expected an nn.Linear or Conv1D with {hidden_size} outputs"
+            f"{name} ({type(module).__name__}): expected an nn.Linear, Conv1D or quantized linear with "
+            f"{hidden_size} outputs"
         )
-    writers = [ResidualWriter(f"{name}.weight", module.weight, layout, layer, norm, norm_weight)]
-    if module.bias is not None:
-        writers.append(ResidualWriter(f"{name}.bias", module.bias, ROWS, layer, norm, norm_weight))
+    weight = getattr(module, weight_name)
+    writers = [ResidualWriter(f"{name}.{weight_name}", weight, layout, layer, norm, norm_weight, quantized)]
+    bias = getattr(module, "bias", None)
+    if isinstance(bias, torch.Tensor):
+        writers.append(ResidualWriter(f"{name}.bias", bias, ROWS, layer, norm, norm_weight))
     return writers
 
 
@@ -197,7 +233,7 @@ def _mlp_writers(
     for sub_name, sub in mlp.named_modules():
         full_name = f"{name}.{sub_name}" if sub_name else name
         leaf = sub_name.rsplit(".", 1)[-1]
-        if leaf in MLP_OUTPUT_NAMES and isinstance(sub, (nn.Linear, Conv1D)):
+        if leaf in MLP_OUTPUT_NAMES and _is_projection(sub, full_name, hidden_size):
             writers += _projection_writers(sub, full_name, hidden_size, layer, post_norm)
         elif isinstance(sub._parameters.get(FUSED_EXPERT_OUTPUT_NAME), nn.Parameter):
             writers += _fused_expert_writers(sub, full_name, hidden_size, layer, post_norm)

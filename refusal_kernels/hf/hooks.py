@@ -89,13 +89,13 @@ def _weights_patch(
 ) -> PatchHandle:
     selected = set(families.layer_directions(direction, structure, layers))
     tied = weights.head_is_tied(model, structure)
-    originals = {w.name: (w.parameter, w.parameter.detach().clone()) for w in structure.writers(selected)}
+    originals = [(t, t.detach().clone()) for w in structure.writers(selected) for t in w.storage]
     weights.orthogonalize_model_(model, direction, scale=scale, layers=layers)
 
     def restore() -> None:
         with torch.no_grad():
-            for parameter, original in originals.values():
-                parameter.copy_(original)
+            for tensor, original in originals:
+                tensor.copy_(original)
         if tied:
             weights.retie_head(model, structure)
 

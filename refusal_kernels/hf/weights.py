@@ -7,7 +7,11 @@ that what it writes has no component along r:
   * embedding rows, biases, GPT-2 Conv1D weights [d_in, d_model] and transposed experts: each
     row v <- v - s (v.r) r.
 
-With scale=1 and no post-sublayer norms this equals `patch(mode="hooks")`: every residual
+Quantized projections (see `families`) are edited in their own storage by the format's op in
+`refusal_kernels.quant`, which requantizes each group with a fresh scale: the written
+component along r is then zero only up to one quantization step, not exactly.
+
+With scale=1, dense weights and no post-sublayer norms this equals `patch(mode="hooks")`: every residual
 state is orthogonal to r. Tied embeddings are untied first (the head keeps the original
 matrix), so the logits are those of the hooks model too.
 
@@ -36,12 +40,18 @@ from . import families
 
 @dataclass(frozen=True)
 class ChangedTensor:
-    """One parameter `orthogonalize_model_` changed: name, shape, layout (MATRIX/ROWS), layer."""
+    """One tensor `orthogonalize_model_` changed: name, shape, layout (MATRIX/ROWS), layer.
+
+    For a quantized weight, shape is that of the dequantized [out, in] matrix and `format`
+    names the storage ("gptq", "bitsandbytes-nf4", ...; see `refusal_kernels.quant`); None
+    for a dense tensor.
+    """
 
     name: str
     shape: tuple[int, ...]
     layout: str
     layer: int | None
+    format: str | None = None
 
 
 @dataclass
@@ -110,6 +120,17 @@ def _targets(
     return targets
 
 
+def _check_quantized(targets: list[tuple[families.ResidualWriter, torch.Tensor]], scale: float) -> None:
+    """Every quantized writer's layout, checked before anything is written; errors name the tensor."""
+    for writer, target in targets:
+        if writer.quantized is None:
+            continue
+        try:
+            writer.quantized.check(target, scale)
+        except (ValueError, TypeError) as error:
+            raise type(error)(f"{writer.name} ({writer.quantized.format}): {error}") from error
+
+
 def orthogonalize_model_(
     model: nn.Module,
     direction: torch.Tensor,
@@ -130,6 +151,8 @@ def orthogonalize_model_(
             a head tied to the token embedding is untied first and keeps the original matrix.
         layers: only the writers of these layers (embeddings still follow include_embeddings).
 
+    Quantized projections are edited in their quantized storage (see the module docstring).
+
     Returns:
         An OrthogonalizationRecord naming every tensor changed.
 
@@ -139,16 +162,20 @@ def orthogonalize_model_(
     directions = families.layer_directions(direction, structure, layers)
     scale = families.check_scale(scale)
     targets = _targets(structure, directions, include_embeddings)
+    _check_quantized(targets, scale)
 
     record = OrthogonalizationRecord(scale=float(scale))
     if include_embeddings and head_is_tied(model, structure):
         record.untied_head = untie_head(model, structure)
     with torch.no_grad():
         for writer, target in targets:
-            tensor = writer.parameter.data
-            if writer.layout == families.MATRIX:
-                ops.orthogonalize_(tensor, target, scale)
+            quantized = writer.quantized
+            if quantized is not None:
+                quantized.orthogonalize_(target, scale)
+            elif writer.layout == families.MATRIX:
+                ops.orthogonalize_(writer.parameter.data, target, scale)
             else:
-                ops.ablate_(tensor, target, scale)
-            record.changed.append(ChangedTensor(writer.name, tuple(tensor.shape), writer.layout, writer.layer))
+                ops.ablate_(writer.parameter.data, target, scale)
+            shape, fmt = (quantized.shape, quantized.format) if quantized else (tuple(writer.parameter.shape), None)
+            record.changed.append(ChangedTensor(writer.name, shape, writer.layout, writer.layer, fmt))
     return record
