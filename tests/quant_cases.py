@@ -26,11 +26,11 @@ def tensors(state) -> list[torch.Tensor]:
     return [t for t in state if isinstance(t, torch.Tensor)]
 
 
-def _int4_half_step(scales: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
+def int4_half_step(scales: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
     return scales.float()[group].T / 2
 
 
-def _fp8_half_step(state) -> torch.Tensor:
+def fp8_half_step(state) -> torch.Tensor:
     weight, weight_scale = state
     magnitude = weight.float().abs()
     exponent = torch.floor(torch.log2(magnitude.clamp(min=2.0**-6)))
@@ -62,7 +62,7 @@ def _gptq_format(act_order: bool) -> Format:
         kernel_=lambda s, d, c=1.0: gptq.orthogonalize_(*s, d, GROUP, c),
         reference_=lambda s, d, c=1.0: gptq.orthogonalize_reference_(*s, d, GROUP, c),
         dequantize=lambda s: gptq.dequantize(*s, GROUP),
-        half_step=lambda s: _int4_half_step(s[2], gptq.group_of_column(IN, GROUP, g_idx)),
+        half_step=lambda s: int4_half_step(s[2], gptq.group_of_column(IN, GROUP, g_idx)),
     )
 
 
@@ -76,7 +76,7 @@ def _fp8_format(scale_shape: tuple[int, ...], block: tuple[int, int]) -> Format:
         kernel_=lambda s, d, c=1.0: fp8.orthogonalize_(*s, d, c),
         reference_=lambda s, d, c=1.0: fp8.orthogonalize_reference_(*s, d, c),
         dequantize=lambda s: fp8.dequantize(*s),
-        half_step=_fp8_half_step,
+        half_step=fp8_half_step,
     )
 
 
@@ -110,7 +110,7 @@ FORMATS = {
         kernel_=lambda s, d, c=1.0: awq.orthogonalize_(*s, d, GROUP, c),
         reference_=lambda s, d, c=1.0: awq.orthogonalize_reference_(*s, d, GROUP, c),
         dequantize=lambda s: awq.dequantize(*s, GROUP),
-        half_step=lambda s: _int4_half_step(s[2], torch.arange(IN) // GROUP),
+        half_step=lambda s: int4_half_step(s[2], torch.arange(IN) // GROUP),
     ),
     "fp8 tensor": _fp8_format((), (OUT, IN)),
     "fp8 row": _fp8_format((OUT, 1), (1, IN)),
