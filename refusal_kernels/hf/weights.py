@@ -11,9 +11,9 @@ Quantized projections (see `families`) are edited in their own storage by the fo
 `refusal_kernels.quant`, which requantizes each group with a fresh scale: the written
 component along r is then zero only up to one quantization step, not exactly.
 
-With scale=1, dense weights and no post-sublayer norms this equals `patch(mode="hooks")`: every residual
-state is orthogonal to r. Tied embeddings are untied first (the head keeps the original
-matrix), so the logits are those of the hooks model too.
+With scale=1, dense weights and no post-sublayer norms this equals `patch(mode="hooks")`:
+every residual state is orthogonal to r. Tied embeddings are untied first (the head keeps the
+original matrix), so the logits are those of the hooks model too.
 
 Gemma 2/3 add norm(y) = g * y / rms(y) to the residual, not y. That is orthogonal to r iff y
 is orthogonal to g * r, so their attention and MLP writers are orthogonalized against

@@ -133,14 +133,11 @@ def _bitsandbytes_4bit(module) -> QuantizedWeight | None:
     )
 
 
-def _int4_format(target, qweight: torch.Tensor, scales: torch.Tensor, out_features: int | None) -> str:
-    """ "gptq" or "awq", from where qweight is packed: GPTQ along in ([in / 8, out]), AWQ along out ([in, out / 8]).
+def _int4_format(target, qweight: torch.Tensor, out: int) -> str:
+    """Which of "gptq" and "awq" qweight's shape is: packed along in ([in / 8, out]) or along out ([in, out / 8]).
 
     A class name, module or `quant_method` that names one of them must agree with the shape.
     """
-    if qweight.dim() != 2 or scales.dim() != 2:
-        raise ValueError(f"qweight and scales must be 2-D, got shapes {tuple(qweight.shape)} and {tuple(scales.shape)}")
-    out = out_features if out_features is not None else scales.shape[1]
     fitting = [
         name for name, packed_out in zip(_INT4_FORMATS, (out, out / 8), strict=True) if qweight.shape[1] == packed_out
     ]
@@ -161,14 +158,18 @@ def _int4_format(target, qweight: torch.Tensor, scales: torch.Tensor, out_featur
 
 def _gptq_or_awq(target, out_features: int | None) -> QuantizedWeight:
     qweight, qzeros, scales = target.qweight, target.qzeros, target.scales
-    fmt = _int4_format(target, qweight, scales, out_features)
+    if qweight.dim() != 2 or scales.dim() != 2:
+        raise ValueError(f"qweight and scales must be 2-D, got shapes {tuple(qweight.shape)} and {tuple(scales.shape)}")
     out = out_features if out_features is not None else scales.shape[1]
+    fmt = _int4_format(target, qweight, out)
+    bits = _declared(target, "bits", "w_bit")
+    if bits not in (None, 4):
+        raise ValueError(f"bits is {bits}: only 4-bit GPTQ and AWQ are supported")
     in_features = 8 * qweight.shape[0] if fmt == "gptq" else qweight.shape[0]
-    # Libraries that record the layer's size or bit width must agree with the packed shapes.
+    # Libraries that record the layer's size must agree with the packed shapes.
     for what, declared, found in (
         ("in_features", _declared(target, "in_features", "infeatures"), in_features),
         ("out_features", _declared(target, "out_features", "outfeatures"), out),
-        ("bits", _declared(target, "bits", "w_bit"), 4),
     ):
         if declared is not None and declared != found:
             raise ValueError(
