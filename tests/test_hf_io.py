@@ -161,6 +161,17 @@ def test_orthogonalize_checkpoint_covers_conv1d_and_post_norms(tmp_path, family)
     assert all(torch.equal(actual[k], v) for k, v in expected.items())
 
 
+def test_orthogonalize_checkpoint_refuses_a_quantized_checkpoint(tmp_path):
+    tiny_model("llama").save_pretrained(tmp_path / "source")
+    config_path = tmp_path / "source" / "config.json"
+    config = json.loads(config_path.read_text())
+    config["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": 32}
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="quantized checkpoint \\(quant_method 'gptq'\\)"):
+        orthogonalize_checkpoint(tmp_path / "source", tmp_path / "out", torch.randn(64))
+    assert not (tmp_path / "out").exists()
+
+
 def _resident_kib(field: str) -> int:
     status = Path("/proc/self/status").read_text()
     return int(re.search(rf"^{field}:\s+(\d+) kB", status, re.MULTILINE).group(1))

@@ -290,7 +290,8 @@ def orthogonalize_checkpoint(
     shard index is updated.
 
     Args:
-        src_dir: a transformers checkpoint directory (config.json, safetensors shards).
+        src_dir: a transformers checkpoint directory (config.json, safetensors shards); not a
+            quantized one (ValueError): load those and use `orthogonalize_model_`.
         dst_dir: the output directory; written atomically, as in `save_abliterated`.
         direction: [d_model] or [num_layers, d_model].
         scale: as in `orthogonalize_model_`.
@@ -306,6 +307,14 @@ def orthogonalize_checkpoint(
         raise ValueError(f"src_dir {str(src_dir)!r} is not a model directory (no config.json)")
     scale = families.check_scale(scale)
     config = AutoConfig.from_pretrained(src)
+    # The skeleton is built dense, so packed keys (qweight, ...) would match no writer and be copied unedited.
+    quantization = getattr(config, "quantization_config", None)
+    if quantization is not None:
+        method = quantization.get("quant_method") if isinstance(quantization, dict) else quantization.quant_method
+        raise ValueError(
+            f"src_dir {str(src_dir)!r} is a quantized checkpoint (quant_method {method!r}), which cannot be streamed: "
+            "load it and use orthogonalize_model_, or patch(mode='hooks')"
+        )
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config)
     structure = families.describe_model(skeleton)
