@@ -54,3 +54,18 @@ def test_orthogonalize(benchmark, dtype, impl):
         "copy": lambda: weight.mul_(1.0),
     }[impl]
     run(benchmark, f"orthogonalize {list(ORTHOGONALIZE_SHAPE)} {dtype}", impl, fn, weight)
+
+
+@pytest.mark.parametrize("axis", ["column", "row"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("impl", ["refusal", "eager", "copy"])
+def test_orthogonalize_norm_preserving(benchmark, axis, dtype, impl):
+    torch.manual_seed(0)
+    weight = torch.randn(ORTHOGONALIZE_SHAPE, dtype=DTYPES[dtype])
+    direction = torch.randn(ORTHOGONALIZE_SHAPE[0], dtype=DTYPES[dtype])
+    fn = {
+        "refusal": lambda: rk.orthogonalize_norm_preserving_(weight, direction, axis=axis),
+        "eager": lambda: weight.copy_(reference.orthogonalize_norm_preserving(weight, direction, axis=axis)),
+        "copy": lambda: weight.mul_(1.0),
+    }[impl]
+    run(benchmark, f"orthogonalize_norm_preserving {axis} {list(ORTHOGONALIZE_SHAPE)} {dtype}", impl, fn, weight)

@@ -3,7 +3,8 @@
 Usage: python benchmarks/bench_gpu.py OUT_DIR
 
 Backends: "cuda" (C++ kernels, when built), "triton", "eager" (the PyTorch one-liners in
-`reference`) and "torch.compile" (of the out-of-place `reference` functions). Each row holds
+`reference`; for orthogonalize_norm_preserving the reference itself, copied back in place) and
+"torch.compile" (of the out-of-place `reference` functions). Each row holds
 the median of RUNS timed runs after warm-up, the bandwidth it implies (one read and one write
 of the tensor) and that bandwidth as a share of the measured copy bandwidth and, on H100/H200,
 of the spec figure. Without a GPU the script writes a JSON that says why it skipped.
@@ -31,6 +32,7 @@ SPEC_BANDWIDTH_GBPS = {"H200": 4800.0, "H100": 3350.0}  # HBM spec: H200, H100 S
 ABLATE_SHAPES = [(1, 4096), (16384, 4096), (65536, 8192)]
 ABLATE_DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 ORTHOGONALIZE_SHAPES = [(4096, 4096), (4096, 14336), (8192, 28672), (8, 4096, 14336)]
+NORM_PRESERVING_SHAPES = [(4096, 14336), (8, 4096, 14336)]
 # The residual-stream writers of Llama-3-8B: 32 o_proj, 32 down_proj and the embedding.
 LLAMA_LAYERS, LLAMA_D_MODEL, LLAMA_D_FF, LLAMA_VOCAB = 32, 4096, 14336, 128256
 
@@ -57,13 +59,13 @@ def copy_bandwidth_gbps() -> float:
     return 2 * src.numel() * src.element_size() / ms / 1e6
 
 
-def fused(name: str, op: str) -> Callable:
+def fused(name: str, op: str, **options) -> Callable:
     """The public in-place op, run on backend `name`."""
 
     def run(*args):
         refusal_kernels.set_backend(name)
         try:
-            getattr(refusal_kernels, op)(*args)
+            getattr(refusal_kernels, op)(*args, **options)
         finally:
             refusal_kernels.set_backend(None)
 
@@ -75,22 +77,37 @@ def _eager_orthogonalize(weight: torch.Tensor, direction: torch.Tensor) -> None:
         reference.orthogonalize_eager_(matrix, direction)
 
 
-def implementations(op: str) -> dict[str, Callable]:
-    """backend name -> fn(tensor, direction) for op "ablate" or "orthogonalize"."""
+def _eager_norm_preserving(**options) -> Callable:
+    """The reference in place: there is no shorter eager form."""
+
+    def run(weight: torch.Tensor, direction: torch.Tensor) -> None:
+        weight.copy_(reference.orthogonalize_norm_preserving(weight, direction, **options))
+
+    return run
+
+
+def implementations(op: str, **options) -> dict[str, Callable]:
+    """backend name -> fn(tensor, direction) for op "ablate", "orthogonalize" or "orthogonalize_norm_preserving"."""
     fns = {}
     if backends.has_cuda_kernels():
-        fns["cuda"] = fused("cuda", f"{op}_")
+        fns["cuda"] = fused("cuda", f"{op}_", **options)
     if importlib.util.find_spec("triton"):
-        fns["triton"] = fused("triton", f"{op}_")
-    fns["eager"] = reference.ablate_eager_ if op == "ablate" else _eager_orthogonalize
-    fns["torch.compile"] = torch.compile(getattr(reference, op))
+        fns["triton"] = fused("triton", f"{op}_", **options)
+    fns["eager"] = {
+        "ablate": reference.ablate_eager_,
+        "orthogonalize": _eager_orthogonalize,
+        "orthogonalize_norm_preserving": _eager_norm_preserving(**options),
+    }[op]
+    compiled = torch.compile(getattr(reference, op))
+    fns["torch.compile"] = lambda *args: compiled(*args, **options)
     return fns
 
 
-def row(op: str, shape, dtype: torch.dtype, backend: str, ms: float, bytes_moved: int, peaks: dict) -> dict:
+def row(op: str, shape, dtype: torch.dtype, backend: str, ms: float, bytes_moved: int, peaks: dict, **options) -> dict:
     gbps = bytes_moved / ms / 1e6
     return {
         "op": op,
+        **options,
         "shape": list(shape),
         "dtype": str(dtype).removeprefix("torch."),
         "backend": backend,
@@ -100,14 +117,14 @@ def row(op: str, shape, dtype: torch.dtype, backend: str, ms: float, bytes_moved
     }
 
 
-def bench_single(op: str, shape, dtype: torch.dtype, peaks: dict) -> list[dict]:
+def bench_single(op: str, shape, dtype: torch.dtype, peaks: dict, **options) -> list[dict]:
     tensor = torch.randn(shape, device="cuda", dtype=dtype)
     # In the tensor's dtype: the eager one-liners cannot mix dtypes in a matmul.
-    direction = torch.randn(shape[-2] if op == "orthogonalize" else shape[-1], device="cuda", dtype=dtype)
+    direction = torch.randn(shape[-1] if op == "ablate" else shape[-2], device="cuda", dtype=dtype)
     rows = []
-    for backend, fn in implementations(op).items():
+    for backend, fn in implementations(op, **options).items():
         ms = median_ms(lambda fn=fn: fn(tensor, direction))
-        rows.append(row(op, shape, dtype, backend, ms, 2 * tensor.numel() * tensor.element_size(), peaks))
+        rows.append(row(op, shape, dtype, backend, ms, 2 * tensor.numel() * tensor.element_size(), peaks, **options))
         print(rows[-1], flush=True)
     return rows
 
@@ -169,6 +186,9 @@ def main(out_dir: Path) -> None:
             rows += bench_single("ablate", shape, dtype, peaks)
     for shape in ORTHOGONALIZE_SHAPES:
         rows += bench_single("orthogonalize", shape, torch.bfloat16, peaks)
+    for axis in ("column", "row"):
+        for shape in NORM_PRESERVING_SHAPES:
+            rows += bench_single("orthogonalize_norm_preserving", shape, torch.bfloat16, peaks, axis=axis)
     rows += bench_llama(peaks)
     result = {
         "device": device,

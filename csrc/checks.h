@@ -8,6 +8,8 @@
 #include <ATen/MemoryOverlap.h>
 #include <ATen/core/Tensor.h>
 
+#include <c10/util/string_view.h>
+
 #include <cmath>
 
 namespace refusal {
@@ -87,6 +89,19 @@ inline void check_orthogonalize(const at::Tensor& weight, const at::Tensor& dire
   check_vector(direction, "direction", weight.size(-2), "weight.shape[-2] (d_model)");
   check_same_device(direction, "direction", weight, "weight");
   check_scale(scale);
+}
+
+// Which norms orthogonalize_norm_preserving keeps: each column's (the vector along d_model
+// that d is removed from) or each row's (grimjim's row-normalized form).
+enum class NormAxis { kColumn, kRow };
+
+inline NormAxis check_orthogonalize_norm_preserving(const at::Tensor& weight,
+                                                    const at::Tensor& direction, double scale,
+                                                    c10::string_view axis) {
+  check_orthogonalize(weight, direction, scale);
+  TORCH_CHECK_VALUE(axis == "column" || axis == "row", "axis must be 'column' or 'row', got '",
+                    axis, "'");
+  return axis == "column" ? NormAxis::kColumn : NormAxis::kRow;
 }
 
 // True when index holds one entry per batch row, broadcast over the middle dims of x.

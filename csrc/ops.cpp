@@ -16,6 +16,11 @@ TORCH_LIBRARY(refusal, m) {
   m.def("ablate(Tensor(a!) x, Tensor direction, float scale=1.0) -> ()");
   m.def("ablate_indexed(Tensor(a!) x, Tensor directions, Tensor index, float scale=1.0) -> ()");
   m.def("orthogonalize(Tensor(a!) weight, Tensor direction, float scale=1.0) -> ()");
+  // orthogonalize that keeps each column's norm (axis="column") or, in the row-normalized
+  // form, each row's norm (axis="row").
+  m.def(
+      "orthogonalize_norm_preserving(Tensor(a!) weight, Tensor direction, float scale=1.0, "
+      "str axis=\"column\") -> ()");
   // Functional form of `ablate`: the in-place op cannot carry an autograd formula.
   m.def("ablated(Tensor x, Tensor direction, float scale=1.0) -> Tensor");
   // orthogonalize on quantized storage: dequantize, update, requantize with fresh scales

@@ -7,7 +7,7 @@ orthogonalization W <- W - r(r^T W) of every matrix that writes into the residua
 
 from . import _ops, quant, reference
 from .backends import get_backend, set_backend
-from .ops import ablate, ablate_, ablate_indexed_, orthogonalize_
+from .ops import ablate, ablate_, ablate_indexed_, orthogonalize_, orthogonalize_norm_preserving_
 
 __all__ = [
     "_ops",
@@ -16,6 +16,7 @@ __all__ = [
     "ablate_indexed_",
     "get_backend",
     "orthogonalize_",
+    "orthogonalize_norm_preserving_",
     "quant",
     "reference",
     "set_backend",

@@ -21,7 +21,10 @@ import torch
 
 from . import _C  # noqa: F401  (registers the schemas and the C++ kernels)
 
-OPS = ("ablate", "ablate_indexed", "orthogonalize")
+OPS = ("ablate", "ablate_indexed", "orthogonalize", "orthogonalize_norm_preserving")
+
+# The norms orthogonalize_norm_preserving can keep: each column's or each row's.
+NORM_AXES = ("column", "row")
 
 # Device types whose dispatcher entry always has a kernel: the C++ CPU kernel, and for CUDA
 # either the CUDA C++ kernels or, when the build has none, the Triton ones.
@@ -116,6 +119,12 @@ def check_orthogonalize(weight: torch.Tensor, direction: torch.Tensor, scale: fl
     _check_scale(scale)
 
 
+def check_orthogonalize_norm_preserving(weight: torch.Tensor, direction: torch.Tensor, scale: float, axis: str) -> None:
+    check_orthogonalize(weight, direction, scale)
+    if axis not in NORM_AXES:
+        raise ValueError(f"axis must be 'column' or 'row', got {axis!r}")
+
+
 # Fake kernels: metadata checks only, so that opcheck and torch.compile trace without data.
 @torch.library.register_fake("refusal::ablate")
 def _(x, direction, scale=1.0):
@@ -130,6 +139,11 @@ def _(x, directions, index, scale=1.0):
 @torch.library.register_fake("refusal::orthogonalize")
 def _(weight, direction, scale=1.0):
     check_orthogonalize(weight, direction, scale)
+
+
+@torch.library.register_fake("refusal::orthogonalize_norm_preserving")
+def _(weight, direction, scale=1.0, axis="column"):
+    check_orthogonalize_norm_preserving(weight, direction, scale, axis)
 
 
 @torch.library.register_fake("refusal::ablated")

@@ -1,4 +1,4 @@
-"""The public ops: in-place ablation and orthogonalization, plus an out-of-place ablate.
+"""The public ops: in-place ablation and orthogonalization (plain or norm-preserving), plus an out-of-place ablate.
 
 All of them normalize the direction in fp32 and accumulate in fp32, whatever the storage
 dtype, and run on the backend that `refusal_kernels.backends` picks for the tensor's device.
@@ -97,6 +97,30 @@ def orthogonalize_(weight: torch.Tensor, direction: torch.Tensor, scale: float =
     """
     _check_data_once(direction, "direction", _nonzero_finite_rows, weight)
     backends.for_device(weight.device.type).orthogonalize_(weight, direction, scale)
+    return weight
+
+
+def orthogonalize_norm_preserving_(
+    weight: torch.Tensor, direction: torch.Tensor, scale: float = 1.0, axis: str = "column"
+) -> torch.Tensor:
+    """orthogonalize_ that keeps the norms of the weight's columns or rows, in place.
+
+    Args:
+        weight, direction, scale: as in `orthogonalize_`.
+        axis: "column": each column w_j (the d_model-long vector that d is removed from)
+            becomes ||w_j|| normalize(w_j - scale (d.w_j) d). "row": the row-normalized form
+            (norm-preserving biprojected abliteration): divide each row by its norm, remove
+            d from that matrix as orthogonalize_ does, then scale each row back to its norm.
+
+    A column or row that ends up at zero norm stays zero. The column form reads W once for
+    c = d^T W and the column norms together (the updated norms follow from them); the row
+    form reads each row once more, to find its updated norm. Extra memory is O(d_in + d_model).
+
+    Returns:
+        weight, for chaining.
+    """
+    _check_data_once(direction, "direction", _nonzero_finite_rows, weight)
+    backends.for_device(weight.device.type).orthogonalize_norm_preserving_(weight, direction, scale, axis)
     return weight
 
 

@@ -35,11 +35,49 @@ def ablate_indexed(x: torch.Tensor, directions: torch.Tensor, index: torch.Tenso
     return torch.where((index >= 0)[..., None], ablated, xf).to(x.dtype)
 
 
+def _orthogonalized(wf: torch.Tensor, d: torch.Tensor, scale: float) -> torch.Tensor:
+    return wf - scale * d[:, None] * (d @ wf)[..., None, :]
+
+
 def orthogonalize(weight: torch.Tensor, direction: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
     """W - scale * d (d^T W) for each [d_model, d_in] matrix in weight's last two dims."""
+    return _orthogonalized(weight.float(), unit(direction), scale).to(weight.dtype)
+
+
+# A vector whose squared norm the update brings to this fraction of its old one or below counts
+# as emptied and becomes zero (csrc/norm_preserving.h says why).
+EMPTIED_FRACTION = 2.0**-16
+
+
+def _normalized(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """t divided by its norms along dim; zero vectors stay zero."""
+    norms = t.norm(dim=dim, keepdim=True)
+    return torch.where(norms > 0, t / norms, 0.0)
+
+
+def _rescaled(updated: torch.Tensor, old: torch.Tensor, norms: torch.Tensor, dim: int) -> torch.Tensor:
+    """The vectors of `updated` along dim scaled to `norms`, zero where the update emptied `old`."""
+    updated_norms = updated.norm(dim=dim, keepdim=True)
+    kept = updated_norms.square() > EMPTIED_FRACTION * old.norm(dim=dim, keepdim=True).square()
+    return torch.where(kept, updated * (norms / updated_norms), 0.0)
+
+
+def orthogonalize_norm_preserving(
+    weight: torch.Tensor, direction: torch.Tensor, scale: float = 1.0, axis: str = "column"
+) -> torch.Tensor:
+    """orthogonalize, then give each column (axis="column") or each row (axis="row") its old norm back.
+
+    axis="column": w_j <- ||w_j|| normalize(w_j - scale (d.w_j) d) for every column w_j.
+    axis="row" (row-normalized form): divide each row by its norm, orthogonalize that matrix,
+    then scale each row back to its original norm.
+    A zero vector stays zero, and so does one that the update empties (to EMPTIED_FRACTION of
+    its squared norm or less).
+    """
     d = unit(direction)
     wf = weight.float()
-    return (wf - scale * d[:, None] * (d @ wf)[..., None, :]).to(weight.dtype)
+    dim = -2 if axis == "column" else -1
+    old = wf if axis == "column" else _normalized(wf, dim)
+    return _rescaled(_orthogonalized(old, d, scale), old, wf.norm(dim=dim, keepdim=True), dim).to(weight.dtype)
 
 
 def ablate_eager_(x: torch.Tensor, direction: torch.Tensor, scale: float = 1.0) -> torch.Tensor:

@@ -124,6 +124,30 @@ def test_orthogonalize_strided_experts(backend, dtype):
     assert_close(buffer, expected)
 
 
+@pytest.mark.parametrize("axis", ("column", "row"))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 1), (5, 1), (100, 300), (4096, 1000), (3, 37, 300), (8, 512, 1111)])
+def test_orthogonalize_norm_preserving(backend, axis, dtype, shape):
+    weight = _random(shape, dtype)
+    direction = _random(shape[-2], torch.float32, seed=1)
+    for scale in SCALES:
+        actual = weight.clone()
+        refusal_kernels.orthogonalize_norm_preserving_(actual, direction, scale, axis)
+        assert_close(actual, reference.orthogonalize_norm_preserving(weight, direction, scale, axis))
+
+
+@pytest.mark.parametrize("axis", ("column", "row"))
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_orthogonalize_norm_preserving_strided_experts(backend, axis, dtype):
+    buffer = _random((4, 260, 520), dtype)
+    weight = buffer[:, 2:258, 5:505]
+    direction = _random(256, torch.float16, seed=1)
+    expected = buffer.clone()
+    expected[:, 2:258, 5:505] = reference.orthogonalize_norm_preserving(weight, direction, 0.5, axis)
+    refusal_kernels.orthogonalize_norm_preserving_(weight, direction, 0.5, axis)
+    assert_close(buffer, expected)
+
+
 @pytest.mark.skipif(len(FUSED_BACKENDS) < 2, reason="needs both the CUDA and the Triton kernels")
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_cuda_and_triton_agree(dtype):

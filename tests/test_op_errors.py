@@ -1,5 +1,6 @@
 """Bad input: a ValueError or TypeError naming the argument, and the target left bit-for-bit."""
 
+import functools
 from types import SimpleNamespace
 
 import pytest
@@ -172,7 +173,63 @@ CASES = {
         ValueError,
         "stride",
     ),
+    "orthogonalize: Inf direction": (
+        weight,
+        lambda ops, w: ops.orthogonalize_(w, torch.tensor([float("inf")] + [0.0] * (D - 1))),
+        ValueError,
+        "direction",
+    ),
+    "orthogonalize: float64 weight": (
+        lambda: torch.randn(D, 5, dtype=torch.float64),
+        lambda ops, w: ops.orthogonalize_(w, torch.randn(D)),
+        TypeError,
+        "weight",
+    ),
+    "orthogonalize: direction on another device": (
+        weight,
+        lambda ops, w: ops.orthogonalize_(w, torch.randn(D, device="meta")),
+        ValueError,
+        "direction",
+    ),
+    "orthogonalize: overlapping rows": (
+        lambda: torch.randn(1, 5),
+        lambda ops, w: ops.orthogonalize_(w.expand(D, 5), torch.randn(D)),
+        ValueError,
+        "overlap",
+    ),
 }
+
+
+def _norm_preserving_cases() -> dict:
+    """Every orthogonalize case, run through orthogonalize_norm_preserving_ with either axis."""
+
+    def with_axis(call, axis):
+        def run(ops, w):
+            norm_preserving = functools.partial(ops.orthogonalize_norm_preserving_, axis=axis)
+            return call(SimpleNamespace(orthogonalize_=norm_preserving), w)
+
+        return run
+
+    return {
+        f"orthogonalize_norm_preserving {axis}: {name.removeprefix('orthogonalize: ')}": (
+            make_target,
+            with_axis(call, axis),
+            error,
+            named,
+        )
+        for name, (make_target, call, error, named) in CASES.items()
+        if name.startswith("orthogonalize:")
+        for axis in ("column", "row")
+    }
+
+
+CASES.update(_norm_preserving_cases())
+CASES["orthogonalize_norm_preserving: unknown axis"] = (
+    weight,
+    lambda ops, w: ops.orthogonalize_norm_preserving_(w, torch.randn(D), 1.0, "diagonal"),
+    ValueError,
+    "axis",
+)
 
 
 # The same checks hold for the public API and for the C++ kernels called through the dispatcher.
@@ -182,6 +239,7 @@ ENTRY_POINTS = {
         ablate_=torch.ops.refusal.ablate,
         ablate_indexed_=torch.ops.refusal.ablate_indexed,
         orthogonalize_=torch.ops.refusal.orthogonalize,
+        orthogonalize_norm_preserving_=torch.ops.refusal.orthogonalize_norm_preserving,
     ),
 }
 

@@ -66,3 +66,18 @@ def test_orthogonalize_is_ablate_on_the_transpose(case):
     rk.orthogonalize_(weight, direction)
     torch.testing.assert_close(weight, by_columns, rtol=1e-5, atol=1e-5)
     assert (unit(direction) @ weight).abs().max() <= 1e-4 * (1 + weight.abs().amax().item())
+
+
+@SETTINGS
+@given(rows_and_direction(), st.sampled_from(["column", "row"]), st.floats(0.1, 2.0))
+def test_norm_preserving_keeps_the_norms(case, axis, scale):
+    x, _ = case
+    weight = x.reshape(-1, x.shape[-1]) if x.dim() != 2 else x
+    dim = 0 if axis == "column" else 1
+    norms = weight.norm(dim=dim)
+    rk.orthogonalize_norm_preserving_(weight, torch.randn(weight.shape[0]), scale, axis)
+    assert torch.isfinite(weight).all()
+    # A vector that the update empties (possible for d_model = 1 or d_in = 1) becomes zero.
+    after = weight.norm(dim=dim)
+    kept = (after - norms).abs() <= 1e-4 * (1 + norms)
+    assert (kept | (after == 0)).all()

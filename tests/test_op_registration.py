@@ -19,12 +19,22 @@ def sample_orthogonalize():
     return (torch.randn(2, 8, 6), torch.randn(8), 1.0)
 
 
+def sample_norm_preserving_columns():
+    return (torch.randn(2, 8, 6), torch.randn(8), 1.0, "column")
+
+
+def sample_norm_preserving_rows():
+    return (torch.randn(8, 6), torch.randn(8), 0.5, "row")
+
+
 @pytest.mark.parametrize(
     ("op", "sample"),
     [
         (torch.ops.refusal.ablate.default, sample_ablate),
         (torch.ops.refusal.ablate_indexed.default, sample_ablate_indexed),
         (torch.ops.refusal.orthogonalize.default, sample_orthogonalize),
+        (torch.ops.refusal.orthogonalize_norm_preserving.default, sample_norm_preserving_columns),
+        (torch.ops.refusal.orthogonalize_norm_preserving.default, sample_norm_preserving_rows),
         (torch.ops.refusal.ablated.default, sample_ablate),
     ],
 )
@@ -43,6 +53,8 @@ def test_opcheck_autograd_of_ablated():
         (rk.ablate_, reference.ablate, sample_ablate),
         (rk.ablate_indexed_, reference.ablate_indexed, sample_ablate_indexed),
         (rk.orthogonalize_, reference.orthogonalize, sample_orthogonalize),
+        (rk.orthogonalize_norm_preserving_, reference.orthogonalize_norm_preserving, sample_norm_preserving_columns),
+        (rk.orthogonalize_norm_preserving_, reference.orthogonalize_norm_preserving, sample_norm_preserving_rows),
     ],
 )
 def test_inside_torch_compile_fullgraph(inplace, expected, sample):

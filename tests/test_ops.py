@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from tolerances import DTYPES, assert_close
+from tolerances import DTYPES, TOLERANCES, assert_close
 
 import refusal_kernels as rk
 from refusal_kernels import reference
@@ -98,6 +98,83 @@ def test_orthogonalize_strided_experts(dtype):
     expected = reference.orthogonalize(experts, direction)
     rk.orthogonalize_(experts, direction)
     assert_close(experts, expected)
+
+
+NORM_AXES = ("column", "row")
+
+
+@pytest.mark.parametrize("axis", NORM_AXES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", ORTHOGONALIZE_SHAPES)
+@pytest.mark.parametrize("scale", [1.0, 0.5, 2.0])
+def test_orthogonalize_norm_preserving_matches_reference(axis, dtype, shape, scale):
+    torch.manual_seed(0)
+    weight = torch.randn(shape, dtype=dtype)
+    direction = torch.randn(shape[-2], dtype=torch.float16)
+    expected = reference.orthogonalize_norm_preserving(weight, direction, scale, axis)
+    assert rk.orthogonalize_norm_preserving_(weight, direction, scale, axis) is weight
+    assert_close(weight, expected)
+
+
+@pytest.mark.parametrize("axis", NORM_AXES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_orthogonalize_norm_preserving_strided_experts(axis, dtype):
+    torch.manual_seed(0)
+    experts = strided_rows((4, 19, 23), dtype)[::2]
+    before = experts._base.clone()
+    direction = torch.randn(19)
+    expected = reference.orthogonalize_norm_preserving(experts, direction, 0.5, axis)
+    rk.orthogonalize_norm_preserving_(experts, direction, 0.5, axis)
+    assert_close(experts, expected)
+    untouched = torch.ones_like(before, dtype=torch.bool)
+    untouched[::2, :, 1:24] = False  # only the experts' elements may change
+    assert torch.equal(experts._base[untouched], before[untouched])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_norm_preserving_columns_keep_their_norms_and_lose_the_direction(dtype):
+    torch.manual_seed(0)
+    weight = torch.randn(3, 64, 300, dtype=dtype)
+    direction = torch.randn(64)
+    norms = weight.float().norm(dim=-2)
+    rk.orthogonalize_norm_preserving_(weight, direction)
+    torch.testing.assert_close(weight.float().norm(dim=-2), norms, **TOLERANCES[dtype])
+    # Rounding W to its dtype moves each column by at most rtol of its norm.
+    along = reference.unit(direction) @ weight.float()
+    assert (along.abs() <= TOLERANCES[dtype]["rtol"] * norms).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("scale", [1.0, 0.5])
+def test_norm_preserving_rows_keep_their_norms(dtype, scale):
+    torch.manual_seed(0)
+    weight = torch.randn(64, 300, dtype=dtype)
+    norms = weight.float().norm(dim=-1)
+    rk.orthogonalize_norm_preserving_(weight, torch.randn(64), scale, "row")
+    torch.testing.assert_close(weight.float().norm(dim=-1), norms, **TOLERANCES[dtype])
+
+
+@pytest.mark.parametrize("axis", NORM_AXES)
+def test_norm_preserving_zero_vectors_stay_zero(axis):
+    torch.manual_seed(0)
+    weight = torch.randn(6, 5)
+    zero = (slice(None), 2) if axis == "column" else (3, slice(None))
+    weight[zero] = 0
+    rk.orthogonalize_norm_preserving_(weight, torch.randn(6), axis=axis)
+    assert torch.isfinite(weight).all()
+    assert (weight[zero] == 0).all()
+
+
+def test_norm_preserving_columns_that_the_update_empties_become_zero():
+    weight = torch.randn(1, 5)  # d_model 1: every column lies along the direction
+    rk.orthogonalize_norm_preserving_(weight, torch.tensor([-3.0]))
+    assert torch.equal(weight, torch.zeros(1, 5))
+
+
+def test_norm_preserving_rows_that_the_update_empties_become_zero():
+    weight = torch.randn(4, 1)  # the row-normalized matrix is sign(W), which the direction spans
+    rk.orthogonalize_norm_preserving_(weight, weight[:, 0].sign(), axis="row")
+    assert torch.equal(weight, torch.zeros(4, 1))
 
 
 def test_out_of_place_ablate_leaves_input():

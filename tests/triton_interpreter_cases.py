@@ -186,6 +186,50 @@ def test_orthogonalize_empty():
     assert weight.shape == (2, 0, 5)
 
 
+@pytest.mark.parametrize("axis", ("column", "row"))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(100, 300), (3, 37, 300), (1, 1), (5, 1), (1, 9)])
+def test_orthogonalize_norm_preserving_matches_reference(axis, dtype, shape):
+    weight = _random(shape, dtype)
+    direction = _random(shape[-2], torch.float32, seed=1)
+    for scale in SCALES:
+        expected = reference.orthogonalize_norm_preserving(weight, direction, scale, axis)
+        actual = weight.clone()
+        triton_backend.orthogonalize_norm_preserving_(actual, direction, scale, axis)
+        assert_close(actual, expected)
+
+
+@pytest.mark.parametrize("axis", ("column", "row"))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", range(len(WEIGHT_VIEWS)))
+def test_orthogonalize_norm_preserving_strided_experts(axis, dtype, case):
+    buffer_shape, view_of = WEIGHT_VIEWS[case]
+    buffer = _random(buffer_shape, dtype)
+    weight = view_of(buffer)
+    direction = _random(weight.shape[-2], torch.bfloat16, seed=1)
+    expected_buffer = buffer.clone()
+    view_of(expected_buffer).copy_(reference.orthogonalize_norm_preserving(weight, direction, 0.5, axis))
+    triton_backend.orthogonalize_norm_preserving_(weight, direction, 0.5, axis)
+    assert_close(buffer, expected_buffer)
+
+
+@pytest.mark.parametrize("axis", ("column", "row"))
+def test_orthogonalize_norm_preserving_zero_vectors_stay_zero(axis):
+    weight = _random((6, 5), torch.float32)
+    zero = (slice(None), 2) if axis == "column" else (3, slice(None))
+    weight[zero] = 0
+    triton_backend.orthogonalize_norm_preserving_(weight, _random(6, torch.float32, seed=1), axis=axis)
+    assert torch.isfinite(weight).all()
+    assert (weight[zero] == 0).all()
+
+
+@pytest.mark.parametrize("axis", ("column", "row"))
+def test_orthogonalize_norm_preserving_empty(axis):
+    weight = torch.empty(2, 0, 5)
+    triton_backend.orthogonalize_norm_preserving_(weight, torch.ones(0), axis=axis)
+    assert weight.shape == (2, 0, 5)
+
+
 def test_metadata_is_checked_before_launch():
     with pytest.raises(ValueError, match="stride 1"):
         triton_backend.ablate_(torch.zeros(4, 6).t(), torch.ones(4))
@@ -193,6 +237,8 @@ def test_metadata_is_checked_before_launch():
         triton_backend.ablate_indexed_(torch.zeros(2, 4), torch.ones(1, 4), torch.zeros(2, dtype=torch.int32))
     with pytest.raises(ValueError, match="d_model"):
         triton_backend.orthogonalize_(torch.zeros(4, 6), torch.ones(6))
+    with pytest.raises(ValueError, match="axis"):
+        triton_backend.orthogonalize_norm_preserving_(torch.zeros(4, 6), torch.ones(4), axis="diagonal")
 
 
 @pytest.mark.parametrize(

@@ -5,12 +5,21 @@
 // Streaming whole rows keeps the hardware prefetchers and the TLB happy; a column-strip
 // schedule (one read instead of two) measured about 2x slower here, since each row of a
 // strip sits on its own page. Extra memory: (blocks + 1) * d_in fp32, capped at ~1 MiB.
+//
+// refusal::orthogonalize_norm_preserving follows the same two passes:
+//   axis="column": pass 1 also sums the squared column norms, and pass 2 scales each column
+//     back to its norm (norm_preserving.h);
+//   axis="row": pass 1 takes each row's norm while the row is in L1 and sums d[i] W[i] / r_i;
+//     pass 2 finds each updated row's norm from one dot product with c, again while the row is
+//     in L1, then rescales it. Extra memory: a d_model-long buffer of row norms.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <vector>
 
 #include "../checks.h"
+#include "../norm_preserving.h"
 #include "vec_ops.h"
 
 namespace refusal::cpu {
@@ -18,44 +27,150 @@ namespace {
 
 constexpr int64_t kPartialBudgetBytes = 1 << 20;
 
+// Column sums over the rows of a matrix, in parallel over blocks of rows: add_row(i, sums)
+// adds row i's terms into a buffer of `width` floats. Each block sums into its own buffer,
+// and the buffers are then added in order. The buffers are reused from matrix to matrix.
+class RowBlockSums {
+ public:
+  RowBlockSums(int64_t rows, int64_t width)
+      : rows_(rows),
+        width_(width),
+        blocks_(std::clamp<int64_t>(
+            kPartialBudgetBytes / std::max<int64_t>(1, width * sizeof(float)) - 1, 1,
+            std::min<int64_t>(at::get_num_threads(), std::max<int64_t>(rows, 1)))),
+        partial_(blocks_ * width),
+        total_(width) {}
+
+  // The sums in fp32, valid until the next call.
+  template <typename AddRow>
+  float* sum(const AddRow& add_row) {
+    at::parallel_for(0, blocks_, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) {
+        float* sums = partial_.data() + b * width_;
+        std::fill_n(sums, width_, 0.f);
+        for (int64_t i = rows_ * b / blocks_; i < rows_ * (b + 1) / blocks_; ++i) add_row(i, sums);
+      }
+    });
+    std::copy_n(partial_.data(), width_, total_.data());
+    for (int64_t b = 1; b < blocks_; ++b) {
+      accumulate(total_.data(), 1.f, partial_.data() + b * width_, width_);
+    }
+    return total_.data();
+  }
+
+ private:
+  int64_t rows_;
+  int64_t width_;
+  int64_t blocks_;
+  std::vector<float> partial_;
+  std::vector<float> total_;
+};
+
+// What the kernels below share: one [rows, cols] matrix after another, the unit direction.
+struct Matrices {
+  SliceOffsets offsets;
+  int64_t rows;
+  int64_t cols;
+  int64_t row_stride;
+  at::Tensor unit;  // [rows] fp32
+
+  Matrices(const at::Tensor& weight, const at::Tensor& direction)
+      : offsets(weight, 2),
+        rows(weight.size(-2)),
+        cols(weight.size(-1)),
+        row_stride(weight.stride(-2)),
+        unit(normalized_rows(direction, "direction")) {}
+};
+
+// Calls update(i) for every row i of a matrix, in parallel.
+template <typename Update>
+void for_each_row(int64_t rows, const Update& update) {
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) update(i);
+  });
+}
+
 void orthogonalize(at::Tensor& weight, const at::Tensor& direction, double scale) {
   check_orthogonalize(weight, direction, scale);
-  const at::Tensor unit = normalized_rows(direction, "direction");
-  const SliceOffsets matrices(weight, 2);
-  const int64_t rows = weight.size(-2);
-  const int64_t cols = weight.size(-1);
-  const int64_t row_stride = weight.stride(-2);
-  const float* d = unit.const_data_ptr<float>();
+  const Matrices m(weight, direction);
+  const float* d = m.unit.const_data_ptr<float>();
   const float s = static_cast<float>(scale);
-  const int64_t blocks = std::clamp<int64_t>(
-      kPartialBudgetBytes / std::max<int64_t>(1, cols * sizeof(float)) - 1, 1,
-      std::min<int64_t>(at::get_num_threads(), std::max<int64_t>(rows, 1)));
-  std::vector<float> partial(blocks * cols);
-  std::vector<float> c(cols);
+  RowBlockSums column_sums(m.rows, m.cols);
   REFUSAL_DISPATCH_FLOATS(weight.scalar_type(), "refusal::orthogonalize", [&] {
     scalar_t* base = weight.mutable_data_ptr<scalar_t>();
-    for (int64_t m = 0; m < matrices.count(); ++m) {
-      scalar_t* w = base + matrices.offset(m);
-      at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-        for (int64_t b = begin; b < end; ++b) {
-          float* sum = partial.data() + b * cols;
-          std::fill_n(sum, cols, 0.f);
-          for (int64_t i = rows * b / blocks; i < rows * (b + 1) / blocks; ++i) {
-            accumulate(sum, d[i], w + i * row_stride, cols);
-          }
-        }
+    for (int64_t k = 0; k < m.offsets.count(); ++k) {
+      scalar_t* w = base + m.offsets.offset(k);
+      const float* c = column_sums.sum(
+          [&](int64_t i, float* sums) { accumulate(sums, d[i], w + i * m.row_stride, m.cols); });
+      for_each_row(m.rows, [&](int64_t i) {
+        subtract_scaled(w + i * m.row_stride, s * d[i], c, m.cols);
       });
-      std::copy_n(partial.data(), cols, c.data());
-      for (int64_t b = 1; b < blocks; ++b) accumulate(c.data(), 1.f, partial.data() + b * cols, cols);
-      at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
-        for (int64_t i = begin; i < end; ++i) subtract_scaled(w + i * row_stride, s * d[i], c.data(), cols);
-      });
+    }
+  });
+}
+
+// Each column w_j <- ||w_j|| normalize(w_j - s c_j d).
+template <typename T>
+void preserve_column_norms(T* w, const Matrices& m, float s, RowBlockSums& sums) {
+  const float* d = m.unit.const_data_ptr<float>();
+  // sums holds c = d^T W in its first cols floats and the squared column norms after them.
+  float* c = sums.sum([&](int64_t i, float* partial) {
+    accumulate_with_squares(partial, partial + m.cols, d[i], w + i * m.row_stride, m.cols);
+  });
+  float* factor = c + m.cols;
+  for (int64_t j = 0; j < m.cols; ++j) {
+    factor[j] = column_norm_factor(factor[j], c[j], s);
+    c[j] *= factor[j];
+  }
+  // W[i, j] <- factor[j] * (W[i, j] - s d[i] c[j]).
+  for_each_row(m.rows, [&](int64_t i) {
+    scale_and_subtract(w + i * m.row_stride, factor, s * d[i], c, m.cols);
+  });
+}
+
+// Each row W[i] <- ||W[i]|| normalize(W_n[i] - s d[i] c), with W_n the row-normalized W and
+// c = d^T W_n.
+template <typename T>
+void preserve_row_norms(T* w, const Matrices& m, float s, RowBlockSums& sums, float* row_norms) {
+  const float* d = m.unit.const_data_ptr<float>();
+  const float* c = sums.sum([&](int64_t i, float* partial) {
+    const T* row = w + i * m.row_stride;
+    row_norms[i] = std::sqrt(dot(row, row, m.cols));
+    accumulate(partial, normalized_row_weight(d[i], row_norms[i]), row, m.cols);
+  });
+  const float c_sq = dot(c, c, m.cols);
+  for_each_row(m.rows, [&](int64_t i) {
+    T* row = w + i * m.row_stride;
+    const RowUpdate update = row_update(row_norms[i], d[i], dot(row, c, m.cols), c_sq, s);
+    scale_and_subtract(row, update.keep, update.subtract, c, m.cols);
+  });
+}
+
+void orthogonalize_norm_preserving(at::Tensor& weight, const at::Tensor& direction, double scale,
+                                   c10::string_view axis) {
+  const NormAxis norm_axis = check_orthogonalize_norm_preserving(weight, direction, scale, axis);
+  const Matrices m(weight, direction);
+  const float s = static_cast<float>(scale);
+  RowBlockSums sums(m.rows, norm_axis == NormAxis::kColumn ? 2 * m.cols : m.cols);
+  std::vector<float> row_norms(norm_axis == NormAxis::kRow ? m.rows : 0);
+  REFUSAL_DISPATCH_FLOATS(weight.scalar_type(), "refusal::orthogonalize_norm_preserving", [&] {
+    scalar_t* base = weight.mutable_data_ptr<scalar_t>();
+    for (int64_t k = 0; k < m.offsets.count(); ++k) {
+      scalar_t* w = base + m.offsets.offset(k);
+      if (norm_axis == NormAxis::kColumn) {
+        preserve_column_norms(w, m, s, sums);
+      } else {
+        preserve_row_norms(w, m, s, sums, row_norms.data());
+      }
     }
   });
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(refusal, CPU, m) { m.impl("orthogonalize", &orthogonalize); }
+TORCH_LIBRARY_IMPL(refusal, CPU, m) {
+  m.impl("orthogonalize", &orthogonalize);
+  m.impl("orthogonalize_norm_preserving", &orthogonalize_norm_preserving);
+}
 
 }  // namespace refusal::cpu

@@ -43,18 +43,29 @@ inline void store_from_float(T* p, const FloatVec& lo, const FloatVec& hi) {
   }
 }
 
-// sum_i v[i] * u[i], accumulated in fp32. Two chunks per step, four accumulators in all,
-// so that the FMA latency chain does not bound the loop.
-template <typename T>
-inline float dot(const T* v, const float* u, int64_t n) {
+// The fp32 values of u that pair with one chunk of T storage; u holds floats or Ts.
+template <typename T, typename U>
+inline std::tuple<FloatVec, FloatVec> load_paired_chunk(const U* u) {
+  if constexpr (std::is_same_v<U, float> && !std::is_same_v<T, float>) {
+    return {FloatVec::loadu(u), FloatVec::loadu(u + FloatVec::size())};
+  } else {
+    return load_as_float(u);
+  }
+}
+
+// sum_i v[i] * u[i], accumulated in fp32; u is fp32 or T (dot(v, v, n) is the squared norm).
+// Two chunks per step, four accumulators in all, so that the FMA latency chain does not bound
+// the loop.
+template <typename T, typename U>
+inline float dot(const T* v, const U* u, int64_t n) {
   constexpr int64_t kChunk = chunk_size<T>();
-  constexpr int64_t kHalf = FloatVec::size();
   FloatVec acc[4] = {FloatVec(0.f), FloatVec(0.f), FloatVec(0.f), FloatVec(0.f)};
   auto step = [&](int64_t i, FloatVec& acc_lo, FloatVec& acc_hi) {
     auto [lo, hi] = load_as_float(v + i);
-    acc_lo = at::vec::fmadd(lo, FloatVec::loadu(u + i), acc_lo);
+    auto [u_lo, u_hi] = load_paired_chunk<T>(u + i);
+    acc_lo = at::vec::fmadd(lo, u_lo, acc_lo);
     if constexpr (!std::is_same_v<T, float>) {
-      acc_hi = at::vec::fmadd(hi, FloatVec::loadu(u + i + kHalf), acc_hi);
+      acc_hi = at::vec::fmadd(hi, u_hi, acc_hi);
     }
   };
   int64_t i = 0;
@@ -65,42 +76,84 @@ inline float dot(const T* v, const float* u, int64_t n) {
   for (; i + kChunk <= n; i += kChunk) step(i, acc[0], acc[1]);
   float sum = at::vec::vec_reduce_all<float>(
       [](const FloatVec& a, const FloatVec& b) { return a + b; }, (acc[0] + acc[1]) + (acc[2] + acc[3]));
-  for (; i < n; ++i) sum += static_cast<float>(v[i]) * u[i];
+  for (; i < n; ++i) sum += static_cast<float>(v[i]) * static_cast<float>(u[i]);
   return sum;
+}
+
+// acc[i] += a * v[i] and, with kSquares, squares[i] += v[i]^2, in fp32.
+template <bool kSquares, typename T>
+inline void accumulate_impl(float* acc, float* squares, float a, const T* v, int64_t n) {
+  constexpr int64_t kChunk = chunk_size<T>();
+  const FloatVec va(a);
+  auto add = [&](int64_t j, const FloatVec& x) {
+    at::vec::fmadd(va, x, FloatVec::loadu(acc + j)).store(acc + j);
+    if constexpr (kSquares) {
+      at::vec::fmadd(x, x, FloatVec::loadu(squares + j)).store(squares + j);
+    }
+  };
+  int64_t i = 0;
+  for (; i + kChunk <= n; i += kChunk) {
+    auto [lo, hi] = load_as_float(v + i);
+    add(i, lo);
+    if constexpr (!std::is_same_v<T, float>) add(i + FloatVec::size(), hi);
+  }
+  for (; i < n; ++i) {
+    const float x = static_cast<float>(v[i]);
+    acc[i] += a * x;
+    if constexpr (kSquares) squares[i] += x * x;
+  }
 }
 
 // acc[i] += a * v[i], in fp32.
 template <typename T>
 inline void accumulate(float* acc, float a, const T* v, int64_t n) {
+  accumulate_impl<false>(acc, nullptr, a, v, n);
+}
+
+// acc[i] += a * v[i] and squares[i] += v[i]^2 in one read of v, in fp32.
+template <typename T>
+inline void accumulate_with_squares(float* acc, float* squares, float a, const T* v, int64_t n) {
+  accumulate_impl<true>(acc, squares, a, v, n);
+}
+
+// v[i] <- k[i] * v[i] - a * u[i], computed in fp32 and rounded once to T. k is one factor
+// for the whole row (float) or one per element (const float*).
+template <typename T, typename Factor>
+inline void scale_and_subtract(T* v, Factor k, float a, const float* u, int64_t n) {
   constexpr int64_t kChunk = chunk_size<T>();
+  constexpr bool kPerElement = std::is_pointer_v<Factor>;
+  auto factor_at = [&](int64_t j) {
+    if constexpr (kPerElement) {
+      return k[j];
+    } else {
+      return k;
+    }
+  };
+  auto factors_at = [&](int64_t j) {
+    if constexpr (kPerElement) {
+      return FloatVec::loadu(k + j);
+    } else {
+      return FloatVec(k);
+    }
+  };
   const FloatVec va(a);
+  auto update = [&](int64_t j, const FloatVec& x) {
+    return at::vec::fnmadd(va, FloatVec::loadu(u + j), factors_at(j) * x);
+  };
   int64_t i = 0;
   for (; i + kChunk <= n; i += kChunk) {
     auto [lo, hi] = load_as_float(v + i);
-    at::vec::fmadd(va, lo, FloatVec::loadu(acc + i)).store(acc + i);
-    if constexpr (!std::is_same_v<T, float>) {
-      const int64_t j = i + FloatVec::size();
-      at::vec::fmadd(va, hi, FloatVec::loadu(acc + j)).store(acc + j);
-    }
+    lo = update(i, lo);
+    if constexpr (!std::is_same_v<T, float>) hi = update(i + FloatVec::size(), hi);
+    store_from_float(v + i, lo, hi);
   }
-  for (; i < n; ++i) acc[i] += a * static_cast<float>(v[i]);
+  for (; i < n; ++i) v[i] = static_cast<T>(factor_at(i) * static_cast<float>(v[i]) - a * u[i]);
 }
 
 // v[i] -= a * u[i], computed in fp32 and rounded once to T.
 template <typename T>
 inline void subtract_scaled(T* v, float a, const float* u, int64_t n) {
-  constexpr int64_t kChunk = chunk_size<T>();
-  const FloatVec va(a);
-  int64_t i = 0;
-  for (; i + kChunk <= n; i += kChunk) {
-    auto [lo, hi] = load_as_float(v + i);
-    lo = at::vec::fnmadd(va, FloatVec::loadu(u + i), lo);
-    if constexpr (!std::is_same_v<T, float>) {
-      hi = at::vec::fnmadd(va, FloatVec::loadu(u + i + FloatVec::size()), hi);
-    }
-    store_from_float(v + i, lo, hi);
-  }
-  for (; i < n; ++i) v[i] = static_cast<T>(static_cast<float>(v[i]) - a * u[i]);
+  scale_and_subtract(v, 1.f, a, u, n);
 }
 
 // Element offset of each slice of `t` over its leading dims (all but the last `inner_dims`),

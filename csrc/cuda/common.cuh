@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 
 namespace refusal::cuda {
 
@@ -59,16 +60,37 @@ __device__ __forceinline__ void accumulate(float (&acc)[N], float a, const Pack<
   for (int i = 0; i < N; ++i) acc[i] += a * static_cast<float>(v.val[i]);
 }
 
+// acc[i] += v[i]^2 in fp32.
+template <typename T, int N>
+__device__ __forceinline__ void accumulate_squares(float (&acc)[N], const Pack<T, N>& v) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) acc[i] += static_cast<float>(v.val[i]) * static_cast<float>(v.val[i]);
+}
+
+// k[i] * v[i] - a * u[i], computed in fp32 and rounded once to T. k is one factor for the
+// whole pack (float) or one per element (Pack<float, N>).
+template <typename T, int N, typename Factor>
+__device__ __forceinline__ Pack<T, N> scale_and_subtract(const Pack<T, N>& v, const Factor& k,
+                                                         float a, const Pack<float, N>& u) {
+  Pack<T, N> out;
+#pragma unroll
+  for (int i = 0; i < N; ++i) {
+    float k_i;
+    if constexpr (std::is_same_v<Factor, float>) {
+      k_i = k;
+    } else {
+      k_i = k.val[i];
+    }
+    out.val[i] = static_cast<T>(k_i * static_cast<float>(v.val[i]) - a * u.val[i]);
+  }
+  return out;
+}
+
 // v[i] - a * u[i], computed in fp32 and rounded once to T.
 template <typename T, int N>
 __device__ __forceinline__ Pack<T, N> subtract_scaled(const Pack<T, N>& v, float a,
                                                       const Pack<float, N>& u) {
-  Pack<T, N> out;
-#pragma unroll
-  for (int i = 0; i < N; ++i) {
-    out.val[i] = static_cast<T>(static_cast<float>(v.val[i]) - a * u.val[i]);
-  }
-  return out;
+  return scale_and_subtract(v, 1.f, a, u);
 }
 
 __device__ __forceinline__ float warp_sum(float v) {

@@ -57,7 +57,7 @@ def has_cuda_kernels() -> bool:
 
 
 def for_device(device_type: str) -> ModuleType:
-    """The module whose ablate_/ablate_indexed_/orthogonalize_ run on this device type."""
+    """The module whose ablate_/ablate_indexed_/orthogonalize_/orthogonalize_norm_preserving_ run on this device type."""
     if device_type == "cpu":
         from . import native
 

@@ -5,3 +5,4 @@ import torch
 ablate_ = torch.ops.refusal.ablate
 ablate_indexed_ = torch.ops.refusal.ablate_indexed
 orthogonalize_ = torch.ops.refusal.orthogonalize
+orthogonalize_norm_preserving_ = torch.ops.refusal.orthogonalize_norm_preserving

@@ -20,3 +20,10 @@ def ablate_indexed_(x: torch.Tensor, directions: torch.Tensor, index: torch.Tens
 def orthogonalize_(weight: torch.Tensor, direction: torch.Tensor, scale: float = 1.0) -> None:
     _ops.check_orthogonalize(weight, direction, scale)
     weight.copy_(reference.orthogonalize(weight, direction, scale))
+
+
+def orthogonalize_norm_preserving_(
+    weight: torch.Tensor, direction: torch.Tensor, scale: float = 1.0, axis: str = "column"
+) -> None:
+    _ops.check_orthogonalize_norm_preserving(weight, direction, scale, axis)
+    weight.copy_(reference.orthogonalize_norm_preserving(weight, direction, scale, axis))

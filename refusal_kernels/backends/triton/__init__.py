@@ -11,7 +11,7 @@ import torch
 
 from ... import _ops
 from .ablate import launch_ablate
-from .orthogonalize import launch_orthogonalize
+from .orthogonalize import launch_orthogonalize, launch_orthogonalize_preserving_row_norms
 
 
 # Dynamo would trace the launch code (stride arithmetic, overlap checks) and break the graph
@@ -35,3 +35,15 @@ def orthogonalize_(weight: torch.Tensor, direction: torch.Tensor, scale: float =
     """weight [..., d_model, d_in] -= scale * d (d^T weight) per matrix, direction [d_model], fp32 accumulation."""
     _ops.check_orthogonalize(weight, direction, scale)
     launch_orthogonalize(weight, direction, scale)
+
+
+@torch.compiler.disable
+def orthogonalize_norm_preserving_(
+    weight: torch.Tensor, direction: torch.Tensor, scale: float = 1.0, axis: str = "column"
+) -> None:
+    """orthogonalize_ that keeps each column's norm (axis "column") or, row-normalized, each row's (axis "row")."""
+    _ops.check_orthogonalize_norm_preserving(weight, direction, scale, axis)
+    if axis == "column":
+        launch_orthogonalize(weight, direction, scale, preserve_column_norms=True)
+    else:
+        launch_orthogonalize_preserving_row_norms(weight, direction, scale)
