@@ -155,7 +155,12 @@ def obtain_direction(args, model, tokenizer, sets, spec: str):
         stored = DirectionResult.load(args.direction)
         stored.direction = direction
         return stored
-    options = {"n_train": args.n_train, "seed": args.seed, **selection_thresholds(args)}
+    options = {
+        "n_train": args.n_train,
+        "seed": args.seed,
+        "filter_prompts": not args.all_prompts,
+        **selection_thresholds(args),
+    }
     if args.layer is not None or args.position is not None:
         if args.layer is None or args.position is None:
             raise UsageError("--layer and --position go together")
@@ -424,6 +429,11 @@ def build_parser() -> argparse.ArgumentParser:
             help="drop candidates whose added direction scores at or below this, or 'off' (0; tiny-demo off)",
         )
         p.add_argument("--position", type=int, help="post-instruction position, negative (-1 is the last token)")
+        p.add_argument(
+            "--all-prompts",
+            action="store_true",
+            help="fit on every prompt, not only the harmful ones the model refuses and the harmless ones it answers",
+        )
 
     p = commands.add_parser("abliterate", help="find, remove, evaluate and save")
     model_options(p)

@@ -31,7 +31,8 @@ def prompt_files(tmp_path):
 
 def abliterate(model_dir, prompt_files, out, *extra):
     argv = ["abliterate", "--model", str(model_dir), "--out", str(out), *prompt_files]
-    return cli.main([*argv, "--layer", "1", "--position", "-1", "--max-new-tokens", "4", *extra])
+    # The random model refuses nothing, so there is nothing to filter the prompts by.
+    return cli.main([*argv, "--layer", "1", "--position", "-1", "--all-prompts", "--max-new-tokens", "4", *extra])
 
 
 def test_abliterate_writes_a_loadable_model_and_reports(model_dir, prompt_files, tmp_path, capsys):

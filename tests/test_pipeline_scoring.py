@@ -87,15 +87,39 @@ def test_kl_and_induce_match_one_candidate_at_a_time(tiny_llama, tiny_tokenizer,
     assert (kl > 0).all()
 
 
-def test_capture_means_match_output_hidden_states(tiny_llama, tiny_tokenizer):
+@pytest.mark.parametrize("filtered", [False, True])
+def test_capture_means_match_output_hidden_states(tiny_llama, tiny_tokenizer, filtered):
+    """The running means equal the means of `output_hidden_states`; with a filter, over the
+    prompts whose logits it keeps (here: the refusal score above its median)."""
     n = len(chat.post_instruction_ids(tiny_tokenizer))
-    means = capture.mean_activations(
-        tiny_llama, list(tiny_llama.model.layers), tiny_tokenizer, PROMPTS, n_positions=n, batch_size=2
-    )
-    expected = torch.zeros_like(means)
+    states = [None] * len(PROMPTS)  # [layers, n, d] per prompt, in the caller's order
+    scores = torch.empty(len(PROMPTS))
     for batch in chat.batches(tiny_tokenizer, PROMPTS, 3):
         with torch.no_grad():
-            states = tiny_llama(**batch.model_inputs(), output_hidden_states=True).hidden_states
-        for layer in range(means.shape[0]):
-            expected[layer] += states[layer][:, -n:].sum(0)  # hidden_states[l] is layer l's input
-    torch.testing.assert_close(means, expected / len(PROMPTS), rtol=1e-5, atol=1e-5)
+            out = tiny_llama(**batch.model_inputs(), output_hidden_states=True)
+        for row, prompt in enumerate(batch.rows):
+            states[prompt] = torch.stack(out.hidden_states[:-1])[:, row, -n:]  # hidden_states[l] is layer l's input
+        scores[batch.rows] = judge.refusal_score(out.logits[:, -1], REFUSAL_TOKENS)
+    states = torch.stack(states, 1)
+    threshold = scores.median().item()
+    keep = (lambda logits: judge.refusal_score(logits, REFUSAL_TOKENS) > threshold) if filtered else None
+    expected_kept = torch.nonzero(scores > threshold).flatten().tolist() if filtered else list(range(len(PROMPTS)))
+    assert 0 < len(expected_kept) <= len(PROMPTS)
+
+    means = capture.mean_activations(
+        tiny_llama, list(tiny_llama.model.layers), tiny_tokenizer, PROMPTS, n_positions=n, batch_size=2, keep=keep
+    )
+    assert means.kept == expected_kept
+    torch.testing.assert_close(means.mean, states[:, expected_kept].mean(1), rtol=1e-5, atol=1e-5)
+
+
+def test_capture_says_when_the_filter_keeps_nothing(tiny_llama, tiny_tokenizer):
+    with pytest.raises(ValueError, match="kept none of the 5 instructions"):
+        capture.mean_activations(
+            tiny_llama,
+            list(tiny_llama.model.layers),
+            tiny_tokenizer,
+            PROMPTS,
+            n_positions=1,
+            keep=lambda logits: torch.zeros(len(logits), dtype=torch.bool),
+        )

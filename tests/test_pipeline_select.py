@@ -4,7 +4,9 @@ import pytest
 import torch
 from test_pipeline_scoring import PROMPTS, REFUSAL_TOKENS, llama_sites
 
+from refusal_kernels.pipeline import judge
 from refusal_kernels.pipeline.report import DirectionResult
+from refusal_kernels.pipeline.scoring import last_token_logits
 from refusal_kernels.pipeline.select import NoCandidateError, find_direction, split
 
 HARMFUL = [f"how do i break thing {i}" for i in range(6)]
@@ -12,6 +14,8 @@ HARMLESS = [f"please describe nice thing {i}" for i in range(6)]
 
 
 def run(model, tokenizer, **options):
+    # The random model's refusal scores mean nothing, so by default every prompt is used.
+    options = {"refusal_tokens": REFUSAL_TOKENS, "filter_prompts": False, **options}
     return find_direction(
         model,
         tokenizer,
@@ -20,10 +24,43 @@ def run(model, tokenizer, **options):
         sites=llama_sites(model),
         harmful_val=PROMPTS[:3],
         harmless_val=PROMPTS[3:],
-        refusal_tokens=REFUSAL_TOKENS,
         batch_size=8,
         **options,
     )
+
+
+def refusal_scores(model, tokenizer, prompts, tokens):
+    return judge.refusal_score(last_token_logits(model, tokenizer, prompts, batch_size=8), tokens)
+
+
+def test_filter_keeps_refused_harmful_and_answered_harmless_prompts(tiny_llama, tiny_tokenizer):
+    # "Refusal tokens" for the random model: the fewest of those likelier after HARMFUL than
+    # after HARMLESS that make at least one harmful prompt score > 0 and one harmless < 0.
+    harmful_logits = last_token_logits(tiny_llama, tiny_tokenizer, HARMFUL, batch_size=8)
+    harmless_logits = last_token_logits(tiny_llama, tiny_tokenizer, HARMLESS, batch_size=8)
+    ratio = torch.softmax(harmful_logits, -1).mean(0) / torch.softmax(harmless_logits, -1).mean(0)
+    ranked = ratio.argsort(descending=True).tolist()
+    tokens = next(
+        ranked[:k]
+        for k in range(1, len(ranked))
+        if (judge.refusal_score(harmful_logits, ranked[:k]) > 0).any()
+        and (judge.refusal_score(harmless_logits, ranked[:k]) < 0).any()
+    )
+    result = run(
+        tiny_llama, tiny_tokenizer, refusal_tokens=tokens, filter_prompts=True, kl_threshold=10.0, induce_threshold=None
+    )
+    expected = {
+        "harmful_train": int((refusal_scores(tiny_llama, tiny_tokenizer, HARMFUL, tokens) > 0).sum()),
+        "harmless_train": int((refusal_scores(tiny_llama, tiny_tokenizer, HARMLESS, tokens) < 0).sum()),
+        "harmful_val": int((refusal_scores(tiny_llama, tiny_tokenizer, PROMPTS[:3], tokens) > 0).sum()),
+        "harmless_val": int((refusal_scores(tiny_llama, tiny_tokenizer, PROMPTS[3:], tokens) < 0).sum()),
+    }
+    assert result.prompts == expected
+
+
+def test_filter_that_keeps_nothing_says_so(tiny_llama, tiny_tokenizer):
+    with pytest.raises(NoCandidateError, match=r"kept none of the 6 instructions.*filter_prompts=False"):
+        run(tiny_llama, tiny_tokenizer, refusal_tokens=[0], filter_prompts=True)  # <pad>: never likely
 
 
 def test_split_is_seeded_and_disjoint():

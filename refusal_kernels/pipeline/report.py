@@ -29,6 +29,7 @@ class DirectionResult:
     positions: list[int]
     scores: dict[str, torch.Tensor]  # name -> [n_layers, n_positions] float32, NaN where unscored
     refusal_tokens: list[int]
+    prompts: dict[str, int] = field(default_factory=dict)  # prompt set -> prompts used (after filtering)
     filtered: dict[str, int] = field(default_factory=dict)  # filter -> candidates it removed
     timings: dict[str, float] = field(default_factory=dict)  # stage -> seconds
     forward_passes: dict[str, int] = field(default_factory=dict)  # "used", "exhaustive"

@@ -1,8 +1,10 @@
 """`find_direction`: the paper's pipeline, from two prompt sets to a selected direction.
 
-1. capture: mean residual activation at every layer input and post-instruction position,
-   for harmful and harmless training prompts; candidates r(l, p) = harmful - harmless.
-2. refusal tokens: first tokens of the model's greedy refusals to harmful training prompts.
+1. refusal tokens: first tokens of the model's greedy refusals to harmful training prompts.
+2. capture: mean residual activation at every layer input and post-instruction position, over
+   the harmful training prompts the model refuses and the harmless ones it answers (the sign
+   of their refusal score, read in the same forward pass); candidates r(l, p) = harmful -
+   harmless. The validation sets are filtered the same way.
 3. score: bypass (refusal score on harmful prompts with r ablated everywhere), then, for the
    best candidates, KL on harmless prompts (ablated vs base) and induce (refusal score on
    harmless prompts with r added at its layer).
@@ -50,11 +52,14 @@ class SelectionOptions:
     keep_fraction: float = 0.25  # fraction kept after each round
     finalists: int = 4  # candidates per chunk scored for KL and induce, best bypass first
     exhaustive: bool = False  # score every candidate on everything (slow; for comparison)
+    # As the paper: fit and score on the harmful prompts the model refuses (refusal score > 0)
+    # and the harmless ones it answers (score < 0); the means then contrast refusing with not.
+    filter_prompts: bool = True
     batch_size: int = 32
     refusal_tokens: Sequence[int] | None = None  # derived from the model when None
     refusal_phrases: Sequence[str] = judge.REFUSAL_PHRASES
-    probe_prompts: int = 32  # harmful training prompts answered to find refusal tokens
-    probe_tokens: int = 12
+    probe_prompts: int = 64  # harmful training prompts answered to find refusal tokens
+    probe_tokens: int = 8  # enough to reach the judge's phrases ("As an AI" is 3 tokens)
     seed: int = 42
 
 
@@ -65,27 +70,85 @@ def split(prompts: Sequence[str], n_train: int, n_val: int, seed: int) -> tuple[
 
 
 def candidate_directions(
-    model: nn.Module, tokenizer, harmful: Sequence[str], harmless: Sequence[str], sites: Sites, batch_size: int
-) -> tuple[torch.Tensor, list[int]]:
+    model: nn.Module,
+    tokenizer,
+    harmful: Sequence[str],
+    harmless: Sequence[str],
+    sites: Sites,
+    batch_size: int,
+    refusal_tokens: Sequence[int] | None = None,
+) -> tuple[torch.Tensor, list[int], dict[str, int]]:
     """r(l, p) = mean harmful - mean harmless activation at layer l's input, position p.
 
+    With refusal_tokens, only the harmful prompts the model refuses and the harmless ones it
+    answers (by the sign of their refusal score) enter the means.
+
     Returns:
-        ([n_layers, n_positions, d_model] float32, the positions as negative indices).
+        ([n_layers, n_positions, d_model] float32, the positions as negative indices,
+        {"harmful_train": prompts kept, "harmless_train": prompts kept}).
     """
     n_positions = len(chat.post_instruction_ids(tokenizer))
-    means = [
-        capture.mean_activations(
+    filters = {"harmful": None, "harmless": None}
+    if refusal_tokens is not None:
+        filters = {
+            "harmful": lambda logits: judge.refusal_score(logits, refusal_tokens) > 0,
+            "harmless": lambda logits: judge.refusal_score(logits, refusal_tokens) < 0,
+        }
+    means = {
+        kind: capture.mean_activations(
             model,
             sites.layers,
             tokenizer,
             prompts,
             n_positions=n_positions,
             batch_size=batch_size,
+            keep=filters[kind],
             description=f"capture {kind}",
         )
         for kind, prompts in (("harmful", harmful), ("harmless", harmless))
-    ]
-    return means[0] - means[1], list(range(-n_positions, 0))
+    }
+    kept = {f"{kind}_train": len(m.kept) for kind, m in means.items()}
+    return means["harmful"].mean - means["harmless"].mean, list(range(-n_positions, 0)), kept
+
+
+def derive_refusal_tokens(model: nn.Module, tokenizer, harmful: Sequence[str], opts: SelectionOptions) -> list[int]:
+    """The caller's refusal tokens, or the first tokens of the model's refusals to `harmful`."""
+    if opts.refusal_tokens is not None:
+        return list(opts.refusal_tokens)
+    answers = judge.generate(
+        model, tokenizer, harmful[: opts.probe_prompts], max_new_tokens=opts.probe_tokens, description="refusal tokens"
+    )
+    tokens = judge.refusal_token_ids(answers, opts.refusal_phrases)
+    if not tokens:
+        raise NoCandidateError(
+            f"the model refused none of {len(answers.texts)} harmful training prompts, so it has no refusal tokens; "
+            "pass refusal_tokens=[...] or prompts it refuses"
+        )
+    return tokens
+
+
+def _fit(
+    model, tokenizer, harmful, harmless, sites, opts, *, scoring: bool
+) -> tuple[torch.Tensor, list[int], list[int], dict[str, int]]:
+    """Refusal tokens (when scoring or filtering needs them), then the candidate directions.
+
+    Returns (directions, positions, refusal tokens, prompts kept per set).
+    """
+    needed = scoring or opts.filter_prompts
+    refusal_tokens = derive_refusal_tokens(model, tokenizer, harmful, opts) if needed else []
+    try:
+        directions, positions, kept = candidate_directions(
+            model,
+            tokenizer,
+            harmful,
+            harmless,
+            sites,
+            opts.batch_size,
+            refusal_tokens if opts.filter_prompts else None,
+        )
+    except ValueError as error:
+        raise NoCandidateError(f"{error}; pass filter_prompts=False to fit on every prompt") from error
+    return directions, positions, refusal_tokens, kept
 
 
 def direction_at(
@@ -112,8 +175,8 @@ def direction_at(
             f"position {position} is out of range: the chat template has post-instruction positions -{n_positions}..-1"
         )
     started = time.perf_counter()
-    directions, positions = candidate_directions(
-        model, tokenizer, list(harmful)[: opts.n_train], list(harmless)[: opts.n_train], sites, opts.batch_size
+    directions, positions, refusal_tokens, kept = _fit(
+        model, tokenizer, list(harmful)[: opts.n_train], list(harmless)[: opts.n_train], sites, opts, scoring=False
     )
     direction = directions[layer, positions.index(position)]
     if not torch.isfinite(direction).all() or direction.norm() == 0:
@@ -125,7 +188,8 @@ def direction_at(
         n_layers=n_layers,
         positions=positions,
         scores={name: torch.full((n_layers, n_positions), math.nan) for name in SCORE_NAMES},
-        refusal_tokens=[],
+        refusal_tokens=refusal_tokens,
+        prompts=kept,
         timings={"capture": time.perf_counter() - started},
         source=source,
     )
@@ -176,29 +240,27 @@ def find_direction(
         timings[stage] = now - clock
         clock = now
 
-    directions, positions = candidate_directions(model, tokenizer, harmful, harmless, sites, opts.batch_size)
+    directions, positions, refusal_tokens, prompts = _fit(
+        model, tokenizer, harmful, harmless, sites, opts, scoring=True
+    )
     n_layers, n_positions = directions.shape[:2]
     lap("capture")
 
-    refusal_tokens = list(opts.refusal_tokens) if opts.refusal_tokens is not None else None
-    if refusal_tokens is None:
-        answers = judge.generate(
-            model,
-            tokenizer,
-            harmful[: opts.probe_prompts],
-            max_new_tokens=opts.probe_tokens,
-            description="refusal tokens",
-        )
-        refusal_tokens = judge.refusal_token_ids(answers, opts.refusal_phrases)
-        if not refusal_tokens:
-            raise NoCandidateError(
-                f"the model refused none of {len(answers.texts)} harmful training prompts, so it has no refusal tokens; "
-                "pass refusal_tokens=[...] or prompts it refuses"
-            )
-    lap("refusal_tokens")
-
     scorer = Scorer(model, tokenizer, sites, refusal_tokens, batch_size=opts.batch_size)
     base_logits = scorer.last_logits(harmless_val)
+    if opts.filter_prompts:
+        answered = (judge.refusal_score(base_logits, refusal_tokens) < 0).tolist()
+        refused = (judge.refusal_score(scorer.last_logits(harmful_val), refusal_tokens) > 0).tolist()
+        harmless_val = [p for p, keep in zip(harmless_val, answered, strict=True) if keep]
+        base_logits = base_logits[torch.tensor(answered)]
+        harmful_val = [p for p, keep in zip(harmful_val, refused, strict=True) if keep]
+        for name, kept in (("harmful_val", harmful_val), ("harmless_val", harmless_val)):
+            if not kept:
+                what = "refuses none" if name == "harmful_val" else "refuses every one"
+                raise NoCandidateError(
+                    f"the model {what} of the {name} prompts; pass other prompts or filter_prompts=False"
+                )
+    prompts.update(harmful_val=len(harmful_val), harmless_val=len(harmless_val))
     lap("baseline")
 
     scores = {name: torch.full((n_layers, n_positions), math.nan) for name in SCORE_NAMES}
@@ -273,6 +335,7 @@ def find_direction(
         positions=positions,
         scores=scores,
         refusal_tokens=refusal_tokens,
+        prompts=prompts,
         filtered=filtered,
         timings=timings,
         forward_passes={"used": scorer.sequences, "exhaustive": exhaustive_sequences},
