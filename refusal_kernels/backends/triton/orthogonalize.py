@@ -38,6 +38,16 @@ def _matrix_start(w_ptr, matrix, matrices_inner, outer_stride, inner_stride):
 
 
 @triton.jit
+def _program_strip(w_ptr, d_in, strips_per_matrix, matrices_inner, outer_stride, inner_stride, BLOCK_N: tl.constexpr):
+    """This program's matrix, the matrix's start, and its strip of BLOCK_N columns (with their mask)."""
+    program = tl.program_id(0).to(tl.int64)
+    matrix = program // strips_per_matrix
+    w_matrix = _matrix_start(w_ptr, matrix, matrices_inner, outer_stride, inner_stride)
+    cols = (program % strips_per_matrix) * BLOCK_N + tl.arange(0, BLOCK_N)
+    return matrix, w_matrix, cols, cols < d_in
+
+
+@triton.jit
 def _orthogonalize_kernel(
     w_ptr,
     direction_ptr,
@@ -53,11 +63,9 @@ def _orthogonalize_kernel(
     BLOCK_N: tl.constexpr,
     PRESERVE_COLUMN_NORMS: tl.constexpr,
 ):
-    program = tl.program_id(0).to(tl.int64)
-    matrix = program // strips_per_matrix
-    w_matrix = _matrix_start(w_ptr, matrix, matrices_inner, outer_stride, inner_stride)
-    cols = (program % strips_per_matrix) * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = cols < d_in
+    _, w_matrix, cols, col_ok = _program_strip(
+        w_ptr, d_in, strips_per_matrix, matrices_inner, outer_stride, inner_stride, BLOCK_N
+    )
     row_offsets = tl.arange(0, BLOCK_M)
 
     # Pass 1: [BLOCK_M, BLOCK_N] partial sums of u^T W, of u^T u and, to keep column norms, of
@@ -146,11 +154,9 @@ def _weighted_column_sums_kernel(
     BLOCK_N: tl.constexpr,
 ):
     """sums[matrix, strip] = sum over i of weights[matrix, i] * W[i, strip], in fp32."""
-    program = tl.program_id(0).to(tl.int64)
-    matrix = program // strips_per_matrix
-    w_matrix = _matrix_start(w_ptr, matrix, matrices_inner, outer_stride, inner_stride)
-    cols = (program % strips_per_matrix) * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = cols < d_in
+    matrix, w_matrix, cols, col_ok = _program_strip(
+        w_ptr, d_in, strips_per_matrix, matrices_inner, outer_stride, inner_stride, BLOCK_N
+    )
     dot_parts = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for start in range(0, d_model, BLOCK_M):
         rows = start + tl.arange(0, BLOCK_M)
