@@ -22,6 +22,7 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import nn
@@ -69,6 +70,16 @@ def split(prompts: Sequence[str], n_train: int, n_val: int, seed: int) -> tuple[
     return train[:n_train], val
 
 
+def refused(logits: torch.Tensor, refusal_tokens: Sequence[int]) -> torch.Tensor:
+    """Which prompts the model refuses, from next-token logits [B, vocab]: refusal score > 0."""
+    return judge.refusal_score(logits, refusal_tokens) > 0
+
+
+def answered(logits: torch.Tensor, refusal_tokens: Sequence[int]) -> torch.Tensor:
+    """Which prompts the model answers: refusal score < 0 (a score of exactly 0 is neither)."""
+    return judge.refusal_score(logits, refusal_tokens) < 0
+
+
 def candidate_directions(
     model: nn.Module,
     tokenizer,
@@ -91,8 +102,8 @@ def candidate_directions(
     filters = {"harmful": None, "harmless": None}
     if refusal_tokens is not None:
         filters = {
-            "harmful": lambda logits: judge.refusal_score(logits, refusal_tokens) > 0,
-            "harmless": lambda logits: judge.refusal_score(logits, refusal_tokens) < 0,
+            "harmful": partial(refused, refusal_tokens=refusal_tokens),
+            "harmless": partial(answered, refusal_tokens=refusal_tokens),
         }
     means = {
         kind: capture.mean_activations(
@@ -128,16 +139,14 @@ def derive_refusal_tokens(model: nn.Module, tokenizer, harmful: Sequence[str], o
 
 
 def _fit(
-    model, tokenizer, harmful, harmless, sites, opts, *, scoring: bool
-) -> tuple[torch.Tensor, list[int], list[int], dict[str, int]]:
-    """Refusal tokens (when scoring or filtering needs them), then the candidate directions.
+    model, tokenizer, harmful, harmless, sites, opts, refusal_tokens
+) -> tuple[torch.Tensor, list[int], dict[str, int]]:
+    """The candidate directions, over the filtered prompts when opts.filter_prompts.
 
-    Returns (directions, positions, refusal tokens, prompts kept per set).
+    Returns (directions, positions, prompts kept per set).
     """
-    needed = scoring or opts.filter_prompts
-    refusal_tokens = derive_refusal_tokens(model, tokenizer, harmful, opts) if needed else []
     try:
-        directions, positions, kept = candidate_directions(
+        return candidate_directions(
             model,
             tokenizer,
             harmful,
@@ -148,7 +157,6 @@ def _fit(
         )
     except ValueError as error:
         raise NoCandidateError(f"{error}; pass filter_prompts=False to fit on every prompt") from error
-    return directions, positions, refusal_tokens, kept
 
 
 def direction_at(
@@ -175,9 +183,10 @@ def direction_at(
             f"position {position} is out of range: the chat template has post-instruction positions -{n_positions}..-1"
         )
     started = time.perf_counter()
-    directions, positions, refusal_tokens, kept = _fit(
-        model, tokenizer, list(harmful)[: opts.n_train], list(harmless)[: opts.n_train], sites, opts, scoring=False
-    )
+    harmful, harmless = list(harmful)[: opts.n_train], list(harmless)[: opts.n_train]
+    # Only the filter needs refusal tokens here: nothing is scored.
+    refusal_tokens = derive_refusal_tokens(model, tokenizer, harmful, opts) if opts.filter_prompts else []
+    directions, positions, kept = _fit(model, tokenizer, harmful, harmless, sites, opts, refusal_tokens)
     direction = directions[layer, positions.index(position)]
     if not torch.isfinite(direction).all() or direction.norm() == 0:
         raise ValueError(f"the difference of means at layer {layer}, position {position} is zero or not finite")
@@ -240,26 +249,28 @@ def find_direction(
         timings[stage] = now - clock
         clock = now
 
-    directions, positions, refusal_tokens, prompts = _fit(
-        model, tokenizer, harmful, harmless, sites, opts, scoring=True
-    )
+    refusal_tokens = derive_refusal_tokens(model, tokenizer, harmful, opts)
+    lap("refusal_tokens")
+    directions, positions, prompts = _fit(model, tokenizer, harmful, harmless, sites, opts, refusal_tokens)
     n_layers, n_positions = directions.shape[:2]
     lap("capture")
 
     scorer = Scorer(model, tokenizer, sites, refusal_tokens, batch_size=opts.batch_size)
     base_logits = scorer.last_logits(harmless_val)
     if opts.filter_prompts:
-        answered = (judge.refusal_score(base_logits, refusal_tokens) < 0).tolist()
-        refused = (judge.refusal_score(scorer.last_logits(harmful_val), refusal_tokens) > 0).tolist()
-        harmless_val = [p for p, keep in zip(harmless_val, answered, strict=True) if keep]
-        base_logits = base_logits[torch.tensor(answered)]
-        harmful_val = [p for p, keep in zip(harmful_val, refused, strict=True) if keep]
-        for name, kept in (("harmful_val", harmful_val), ("harmless_val", harmless_val)):
-            if not kept:
-                what = "refuses none" if name == "harmful_val" else "refuses every one"
-                raise NoCandidateError(
-                    f"the model {what} of the {name} prompts; pass other prompts or filter_prompts=False"
-                )
+        keep_harmless = answered(base_logits, refusal_tokens)
+        keep_harmful = refused(scorer.last_logits(harmful_val), refusal_tokens).tolist()
+        harmless_val = [p for p, keep in zip(harmless_val, keep_harmless.tolist(), strict=True) if keep]
+        base_logits = base_logits[keep_harmless]
+        harmful_val = [p for p, keep in zip(harmful_val, keep_harmful, strict=True) if keep]
+        if not harmful_val:
+            raise NoCandidateError(
+                "the model refuses none of the harmful_val prompts; pass other prompts or filter_prompts=False"
+            )
+        if not harmless_val:
+            raise NoCandidateError(
+                "the model refuses every one of the harmless_val prompts; pass other prompts or filter_prompts=False"
+            )
     prompts.update(harmful_val=len(harmful_val), harmless_val=len(harmless_val))
     lap("baseline")
 
