@@ -3,6 +3,7 @@
   patch(model, r)                  ablate r at run time (hooks) or in the weights, undoably
   add_direction(model, r, layer=)  activation addition at one layer's input
   orthogonalize_model_(model, r)   bake the ablation into the weights, in place
+  Schedule, Peak                   a scale per layer for attention and MLP writers (scale=)
   load_model / save_abliterated / orthogonalize_checkpoint   loading, saving, streaming
 
 Only this package knows transformers module names; the structure detection is in `families`.
@@ -11,6 +12,7 @@ Only this package knows transformers module names; the structure detection is in
 from .families import ModelStructure, StructureError, describe_model
 from .hooks import PatchHandle, add_direction, patch
 from .io import load_model, orthogonalize_checkpoint, save_abliterated
+from .schedule import Peak, Schedule
 from .weights import ChangedTensor, OrthogonalizationRecord, orthogonalize_model_
 
 __all__ = [
@@ -18,6 +20,8 @@ __all__ = [
     "ModelStructure",
     "OrthogonalizationRecord",
     "PatchHandle",
+    "Peak",
+    "Schedule",
     "StructureError",
     "add_direction",
     "describe_model",

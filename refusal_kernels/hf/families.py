@@ -374,10 +374,10 @@ def writer_direction(direction: torch.Tensor, gain: torch.Tensor | None) -> torc
     return scaled / length
 
 
-def check_scale(scale: float) -> float:
-    """`scale` as a float; ValueError naming it unless it is a finite number."""
+def check_scale(scale: float, name: str = "scale") -> float:
+    """`scale` as a float; ValueError naming it (as `name`) unless it is a finite number."""
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
-        raise ValueError(f"scale must be a finite number, got {scale!r}")
+        raise ValueError(f"{name} must be a finite number, got {scale!r}")
     return float(scale)
 
 

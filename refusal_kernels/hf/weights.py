@@ -24,6 +24,10 @@ so rescales the token's whole written vector. On tiny random Gemma 2/3 models (s
 r carrying a large share of each write) the relative logit difference between the two modes
 is 0.09 (Gemma 2) and 0.08 (Gemma 3); tests/test_hf_patch.py asserts < 0.25. On trained
 models, where r carries a small fraction of each write, it is smaller.
+
+`scale` is one number for every writer or a `Schedule` (see `schedule`): a scale per layer for
+the attention writers and for the MLP writers, and one for the embeddings. Writers whose scale
+is 0 are left as they are and not recorded.
 """
 
 from __future__ import annotations
@@ -36,11 +40,13 @@ from torch import nn
 
 from .. import ops
 from . import families
+from .schedule import Schedule, check_scale_or_schedule
 
 
 @dataclass(frozen=True)
 class ChangedTensor:
-    """One tensor `orthogonalize_model_` changed: name, shape, layout (MATRIX/ROWS), layer.
+    """One tensor `orthogonalize_model_` changed: name, shape, layout (MATRIX/ROWS), layer, and
+    the scale it was orthogonalized with (its Schedule entry, or the one number).
 
     For a quantized weight, shape is that of the dequantized [out, in] matrix and `format`
     names the storage ("gptq", "bitsandbytes-nf4", ...; see `refusal_kernels.quant`); None
@@ -51,6 +57,7 @@ class ChangedTensor:
     shape: tuple[int, ...]
     layout: str
     layer: int | None
+    scale: float
     format: str | None = None
 
 
@@ -61,12 +68,12 @@ class OrthogonalizationRecord:
     changed: every tensor it modified, in order.
     untied_head: the name of the output head's weight if it was untied from the token
         embedding (it now holds its own copy of the original matrix), else None.
-    scale: the scale used.
+    scale: the scale used, a number or a Schedule.
     """
 
     changed: list[ChangedTensor] = field(default_factory=list)
     untied_head: str | None = None
-    scale: float = 1.0
+    scale: float | Schedule = 1.0
 
 
 def _output_head(model: nn.Module) -> nn.Module | None:
@@ -101,41 +108,85 @@ def retie_head(model: nn.Module, structure: families.ModelStructure) -> None:
     _refresh_tied_keys(model)
 
 
-def _targets(
-    structure: families.ModelStructure,
-    directions: dict[int, torch.Tensor],
+@dataclass(frozen=True)
+class _Edit:
+    """One writer to orthogonalize, with its fp32 unit direction (on its device) and its scale."""
+
+    writer: families.ResidualWriter
+    direction: torch.Tensor
+    scale: float
+
+
+def _plan(
+    model: nn.Module,
+    direction: torch.Tensor,
+    scale: float | Schedule,
     include_embeddings: bool,
-) -> list[tuple[families.ResidualWriter, torch.Tensor]]:
-    """Each writer with the fp32 direction it is orthogonalized against, on its device."""
+    layers: Sequence[int] | None,
+) -> tuple[families.ModelStructure, float | Schedule, list[_Edit]]:
+    """The structure, the checked scale and every edit; bad arguments raise before anything is written."""
+    structure = families.describe_model(model)
+    directions = families.layer_directions(direction, structure, layers)
+    scale = check_scale_or_schedule(scale, len(structure.layers))
+    schedule = scale if isinstance(scale, Schedule) else Schedule.constant(len(structure.layers), scale)
     first = directions[min(directions)] if directions else None
     gains: dict[int, torch.Tensor] = {}
-    targets = []
+    edits = []
     for writer in structure.writers(set(directions), include_embeddings and first is not None):
+        writer_scale = schedule.scale_of(writer)
+        if writer_scale == 0:
+            continue
         base = first if writer.layer is None else directions[writer.layer]
         gain = None
         if writer.post_norm is not None:
             gain = gains.setdefault(id(writer.post_norm), families.norm_gain(writer.post_norm))
         target = families.writer_direction(base, gain).to(writer.parameter.device)
-        targets.append((writer, target))
-    return targets
+        edits.append(_Edit(writer, target, writer_scale))
+    _check_quantized(edits)
+    return structure, scale, edits
 
 
-def _check_quantized(targets: list[tuple[families.ResidualWriter, torch.Tensor]], scale: float) -> None:
+def _check_quantized(edits: list[_Edit]) -> None:
     """Every quantized writer's layout, checked before anything is written; errors name the tensor."""
-    for writer, target in targets:
-        if writer.quantized is None:
+    for edit in edits:
+        quantized = edit.writer.quantized
+        if quantized is None:
             continue
         try:
-            writer.quantized.check(target, scale)
+            quantized.check(edit.direction, edit.scale)
         except (ValueError, TypeError) as error:
-            raise type(error)(f"{writer.name} ({writer.quantized.format}): {error}") from error
+            raise type(error)(f"{edit.writer.name} ({quantized.format}): {error}") from error
+
+
+def _apply(
+    model: nn.Module,
+    structure: families.ModelStructure,
+    edits: list[_Edit],
+    scale: float | Schedule,
+) -> OrthogonalizationRecord:
+    """Make the planned edits."""
+    record = OrthogonalizationRecord(scale=scale)
+    if any(e.writer.component == families.EMBEDDING for e in edits) and head_is_tied(model, structure):
+        record.untied_head = untie_head(model, structure)
+    with torch.no_grad():
+        for edit in edits:
+            writer, quantized = edit.writer, edit.writer.quantized
+            if quantized is not None:
+                quantized.orthogonalize_(edit.direction, edit.scale)
+                shape, fmt = quantized.shape, quantized.format
+            else:
+                orthogonalize = ops.orthogonalize_ if writer.layout == families.MATRIX else ops.ablate_
+                orthogonalize(writer.parameter.data, edit.direction, edit.scale)
+                shape, fmt = tuple(writer.parameter.shape), None
+            record.changed.append(ChangedTensor(writer.name, shape, writer.layout, writer.layer, edit.scale, fmt))
+    return record
 
 
 def orthogonalize_model_(
     model: nn.Module,
     direction: torch.Tensor,
     *,
-    scale: float = 1.0,
+    scale: float | Schedule = 1.0,
     include_embeddings: bool = True,
     layers: Sequence[int] | None = None,
 ) -> OrthogonalizationRecord:
@@ -146,7 +197,9 @@ def orthogonalize_model_(
         direction: [d_model], or one per layer [num_layers, d_model]; any float dtype. With one
             per layer, layer i's writers use row i and the embeddings use the row of the
             first selected layer.
-        scale: 1 removes the component; see `refusal_kernels.ablate_`.
+        scale: 1 removes the component; see `refusal_kernels.ablate_`. A Schedule gives each
+            layer's attention and MLP writers, and the embeddings, their own scale (0 leaves
+            them untouched).
         include_embeddings: also orthogonalize the token (and learned position) embedding rows;
             a head tied to the token embedding is untied first and keeps the original matrix.
         layers: only the writers of these layers (embeddings still follow include_embeddings).
@@ -158,24 +211,5 @@ def orthogonalize_model_(
 
     Bad arguments raise ValueError/TypeError before any tensor is changed.
     """
-    structure = families.describe_model(model)
-    directions = families.layer_directions(direction, structure, layers)
-    scale = families.check_scale(scale)
-    targets = _targets(structure, directions, include_embeddings)
-    _check_quantized(targets, scale)
-
-    record = OrthogonalizationRecord(scale=float(scale))
-    if include_embeddings and head_is_tied(model, structure):
-        record.untied_head = untie_head(model, structure)
-    with torch.no_grad():
-        for writer, target in targets:
-            quantized = writer.quantized
-            if quantized is not None:
-                quantized.orthogonalize_(target, scale)
-            elif writer.layout == families.MATRIX:
-                ops.orthogonalize_(writer.parameter.data, target, scale)
-            else:
-                ops.ablate_(writer.parameter.data, target, scale)
-            shape, fmt = (quantized.shape, quantized.format) if quantized else (tuple(writer.parameter.shape), None)
-            record.changed.append(ChangedTensor(writer.name, shape, writer.layout, writer.layer, fmt))
-    return record
+    structure, scale, edits = _plan(model, direction, scale, include_embeddings, layers)
+    return _apply(model, structure, edits, scale)
