@@ -141,6 +141,7 @@ def test_schedules_of_the_wrong_type_raise_type_error(make, message):
     "call",
     [
         lambda m, s: orthogonalize_model_(m, tiny_direction(m), scale=s),
+        lambda m, s: orthogonalize_model_(m, tiny_direction(m), scale=s, undo=True),
         lambda m, s: patch(m, tiny_direction(m), scale=s, mode="weights"),
         lambda m, s: patch(m, tiny_direction(m), scale=s, mode="hooks"),
     ],
