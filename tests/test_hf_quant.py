@@ -269,20 +269,15 @@ def test_hooks_mode_is_exact_on_quantized_weights(base, fmt):
 
 @pytest.mark.parametrize("fmt", ["gptq", "bitsandbytes-nf4-double-quant", "fp8-block"])
 def test_weights_mode_restores_quantized_storage_bit_for_bit(base, fmt):
-    """Quantized storage comes back from a copy, bit for bit; the dense embedding from undo_,
-    within about one fp32 rounding step (tests/test_hf_undo.py)."""
     model, direction = base
     quantized = _quantize_writers(model, CASES[fmt].build)
     before, logits = _state(quantized), _forward(quantized)
-    embedding = quantized.model.embed_tokens.weight.detach().clone()
     with patch(quantized, direction, mode="weights"):
         assert not torch.equal(_forward(quantized), logits)
     after = _state(quantized)
     assert after.keys() == before.keys()
-    dense = {"model.embed_tokens.weight"}
-    assert all(torch.equal(after[name], t) for name, t in before.items() if name not in dense)
-    torch.testing.assert_close(quantized.model.embed_tokens.weight, embedding, rtol=0, atol=1e-6)
-    assert _relative_difference(_forward(quantized), logits) < 1e-5
+    assert all(torch.equal(after[name], t) for name, t in before.items())
+    assert torch.equal(_forward(quantized), logits)
 
 
 class AWQMarkedLinear(GPTQLinear):

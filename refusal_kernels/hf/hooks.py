@@ -124,6 +124,24 @@ def _scheduled_hooks(
     return handles
 
 
+def _weights_patch(
+    model: nn.Module, structure: families.ModelStructure, direction: torch.Tensor, layers, scale: float | Schedule
+) -> PatchHandle:
+    selected = set(families.layer_directions(direction, structure, layers))
+    tied = weights.head_is_tied(model, structure)
+    originals = [(t, t.detach().clone()) for w in structure.writers(selected) for t in w.storage]
+    weights.orthogonalize_model_(model, direction, scale=scale, layers=layers)
+
+    def restore() -> None:
+        with torch.no_grad():
+            for tensor, original in originals:
+                tensor.copy_(original)
+        if tied:
+            weights.retie_head(model, structure)
+
+    return PatchHandle([], restore)
+
+
 def patch(
     model: nn.Module,
     direction: torch.Tensor,
@@ -139,10 +157,9 @@ def patch(
         direction: [d_model], or one per layer [num_layers, d_model]; any float dtype,
             normalized internally.
         mode: "hooks" ablates at run time (see the module docstring); "weights" calls
-            `orthogonalize_model_` and keeps what restores the tensors it changes: O(d_in)
-            per matrix for dense tensors (see `undo_`, which restores them within about one
-            rounding step, and raises if one was changed in place meanwhile), a copy of the
-            storage of quantized ones (restored bit for bit).
+            `orthogonalize_model_` and keeps a copy of every tensor it changes (the residual
+            writers: embeddings, attention and MLP output projections, their biases) so that
+            remove() can restore them; only this mode holds that extra memory.
         layers: only these layer indices (default all). In weights mode, only their writers
             are orthogonalized (and the embeddings), which is not the same as hooking them.
         scale: 1 removes the component; see `refusal_kernels.ablate_`. A Schedule gives each
@@ -154,9 +171,10 @@ def patch(
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if mode == "weights":
-        return PatchHandle([], weights.orthogonalize_until_restored_(model, direction, scale=scale, layers=layers))
     structure = families.describe_model(model)
+    if mode == "weights":
+        check_scale_or_schedule(scale, len(structure.layers))
+        return _weights_patch(model, structure, direction, layers, scale)
     directions = families.layer_directions(direction, structure, layers)
     scale = check_scale_or_schedule(scale, len(structure.layers))
     if isinstance(scale, Schedule):

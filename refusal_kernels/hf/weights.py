@@ -41,7 +41,7 @@ undo=True refuses quantized writers.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -375,24 +375,3 @@ def undo_(record: OrthogonalizationRecord) -> None:
         retie_head(data.model, data.structure)
     data.entries.clear()
     data.spent = True
-
-
-def orthogonalize_until_restored_(
-    model: nn.Module, direction: torch.Tensor, *, scale: float | Schedule, layers: Sequence[int] | None
-) -> Callable[[], None]:
-    """`orthogonalize_model_` for `patch(mode="weights")`; returns the function that restores the model.
-
-    Dense tensors are restored by `undo_` (O(d_in) memory per matrix, within its stated
-    bound); quantized storage, which `undo_` cannot restore, from a copy taken before the edit.
-    """
-    structure, scale, edits = _plan(model, direction, scale, True, layers)
-    copies = [(t, t.detach().clone()) for e in edits if e.writer.quantized is not None for t in e.writer.storage]
-    record = _apply(model, structure, edits, scale, undo=True)
-
-    def restore() -> None:
-        undo_(record)
-        with torch.no_grad():
-            for tensor, copy in copies:
-                tensor.copy_(copy)
-
-    return restore
