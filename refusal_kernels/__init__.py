@@ -20,5 +20,16 @@ __all__ = [
     "quant",
     "reference",
     "set_backend",
+    "undo_",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> object:
+    # undo_ lives with orthogonalize_model_ in refusal_kernels.hf, imported only when asked for
+    # so that the ops do not import transformers.
+    if name == "undo_":
+        from .hf import undo_
+
+        return undo_
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

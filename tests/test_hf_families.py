@@ -87,10 +87,12 @@ def test_every_family_is_described(family):
         width = writer.parameter.shape[-2] if writer.layout == fam.MATRIX else writer.parameter.shape[-1]
         assert width == 64, writer.name
     names = {w.name for w in structure.writers()}
-    # Every layer writes through its attention and its MLP; embeddings are writers.
+    # Every layer writes through its attention and its MLP, each writer labelled with its component.
     for layer in structure.layers:
-        assert any(w.layer == layer.index and "attn" in w.name for w in layer.writers)
-        assert any(w.layer == layer.index and "attn" not in w.name for w in layer.writers)
+        assert all(w.layer == layer.index for w in layer.writers)
+        assert {w.component for w in layer.writers} == {fam.ATTENTION, fam.MLP}
+        assert all((w.component == fam.ATTENTION) == ("attn" in w.name) for w in layer.writers)
+    assert {w.component for w in structure.embeddings} == {fam.EMBEDDING}
     assert f"{'transformer.wte' if family == 'gpt2' else 'model.embed_tokens'}.weight" in names
     if family == "gpt2":
         assert {

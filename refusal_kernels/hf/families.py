@@ -56,6 +56,11 @@ MLP_POST_NORM_NAME = "post_feedforward_layernorm"
 MATRIX = "matrix"
 ROWS = "rows"
 
+# The part of the model a writer belongs to; a `Schedule` gives each its own scale per layer.
+EMBEDDING = "embedding"
+ATTENTION = "attention"
+MLP = "mlp"
+
 
 class StructureError(ValueError):
     """The model has a part that `describe_model` cannot classify; the message names it."""
@@ -70,6 +75,8 @@ class ResidualWriter:
     parameter: that tensor.
     layout: MATRIX or ROWS, see above.
     layer: the decoder layer it belongs to; None for embeddings.
+    component: EMBEDDING, ATTENTION (the attention output projection and its bias) or MLP
+        (down projections, experts, shared experts and their biases).
     post_norm: the norm applied to its output before the residual add (Gemma 2/3), else None.
     post_norm_weight_name: the name of that norm's weight parameter, else None.
     quantized: the quantized weight of a quantized projection (layout MATRIX), else None.
@@ -79,6 +86,7 @@ class ResidualWriter:
     parameter: torch.Tensor
     layout: str
     layer: int | None
+    component: str
     post_norm: nn.Module | None = None
     post_norm_weight_name: str | None = None
     quantized: quant.QuantizedWeight | None = None
@@ -175,7 +183,12 @@ def _is_projection(module: nn.Module, name: str, hidden_size: int) -> bool:
 
 
 def _projection_writers(
-    module: nn.Module, name: str, hidden_size: int, layer: int, post_norm: tuple[nn.Module, str] | None
+    module: nn.Module,
+    name: str,
+    hidden_size: int,
+    layer: int,
+    component: str,
+    post_norm: tuple[nn.Module, str] | None,
 ) -> list[ResidualWriter]:
     """The weight (and bias) of an nn.Linear, GPT-2 Conv1D or quantized linear that outputs d_model."""
     norm, norm_weight = post_norm if post_norm else (None, None)
@@ -194,10 +207,10 @@ def _projection_writers(
             f"{hidden_size} outputs"
         )
     weight = getattr(module, weight_name)
-    writers = [ResidualWriter(f"{name}.{weight_name}", weight, layout, layer, norm, norm_weight, quantized)]
+    writers = [ResidualWriter(f"{name}.{weight_name}", weight, layout, layer, component, norm, norm_weight, quantized)]
     bias = getattr(module, "bias", None)
     if isinstance(bias, torch.Tensor):
-        writers.append(ResidualWriter(f"{name}.bias", bias, ROWS, layer, norm, norm_weight))
+        writers.append(ResidualWriter(f"{name}.bias", bias, ROWS, layer, component, norm, norm_weight))
     return writers
 
 
@@ -219,10 +232,11 @@ def _fused_expert_writers(
             f"{name}.{FUSED_EXPERT_OUTPUT_NAME} has shape {tuple(weight.shape)}, which does not write "
             f"{hidden_size}-wide vectors in its {'last' if layout == ROWS else 'second-to-last'} dim"
         )
-    writers = [ResidualWriter(f"{name}.{FUSED_EXPERT_OUTPUT_NAME}", weight, layout, layer, norm, norm_weight)]
+    writers = [ResidualWriter(f"{name}.{FUSED_EXPERT_OUTPUT_NAME}", weight, layout, layer, MLP, norm, norm_weight)]
     bias = getattr(experts, FUSED_EXPERT_OUTPUT_BIAS_NAME, None)
     if isinstance(bias, nn.Parameter):
-        writers.append(ResidualWriter(f"{name}.{FUSED_EXPERT_OUTPUT_BIAS_NAME}", bias, ROWS, layer, norm, norm_weight))
+        bias_name = f"{name}.{FUSED_EXPERT_OUTPUT_BIAS_NAME}"
+        writers.append(ResidualWriter(bias_name, bias, ROWS, layer, MLP, norm, norm_weight))
     return writers
 
 
@@ -234,7 +248,7 @@ def _mlp_writers(
         full_name = f"{name}.{sub_name}" if sub_name else name
         leaf = sub_name.rsplit(".", 1)[-1]
         if leaf in MLP_OUTPUT_NAMES and _is_projection(sub, full_name, hidden_size):
-            writers += _projection_writers(sub, full_name, hidden_size, layer, post_norm)
+            writers += _projection_writers(sub, full_name, hidden_size, layer, MLP, post_norm)
         elif isinstance(sub._parameters.get(FUSED_EXPERT_OUTPUT_NAME), nn.Parameter):
             writers += _fused_expert_writers(sub, full_name, hidden_size, layer, post_norm)
     if not writers:
@@ -274,7 +288,9 @@ def _describe_layer(index: int, name: str, layer: nn.Module, hidden_size: int) -
             f"(one of {ATTENTION_OUTPUT_NAMES})"
         )
     output_name, output = found
-    writers = _projection_writers(output, f"{name}.{attention_name}.{output_name}", hidden_size, index, attention_norm)
+    writers = _projection_writers(
+        output, f"{name}.{attention_name}.{output_name}", hidden_size, index, ATTENTION, attention_norm
+    )
     writers += _mlp_writers(mlp, f"{name}.{mlp_name}", hidden_size, index, mlp_norm)
     return LayerStructure(
         index=index,
@@ -306,7 +322,7 @@ def describe_model(model: nn.Module) -> ModelStructure:
         if name.startswith(f"{list_name}.") or not isinstance(module, nn.Embedding):
             continue
         if module is token_embedding or module.embedding_dim == hidden_size:
-            embeddings.append(ResidualWriter(f"{name}.weight", module.weight, ROWS, None))
+            embeddings.append(ResidualWriter(f"{name}.weight", module.weight, ROWS, None, EMBEDDING))
     return ModelStructure(hidden_size, list_name, layers, tuple(embeddings), token_embedding)
 
 
@@ -358,10 +374,10 @@ def writer_direction(direction: torch.Tensor, gain: torch.Tensor | None) -> torc
     return scaled / length
 
 
-def check_scale(scale: float) -> float:
-    """`scale` as a float; ValueError naming it unless it is a finite number."""
+def check_scale(scale: float, name: str = "scale") -> float:
+    """`scale` as a float; ValueError naming it (as `name`) unless it is a finite number."""
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
-        raise ValueError(f"scale must be a finite number, got {scale!r}")
+        raise ValueError(f"{name} must be a finite number, got {scale!r}")
     return float(scale)
 
 

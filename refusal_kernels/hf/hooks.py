@@ -18,6 +18,12 @@ semantics. The layer-0 input is the embedding output, or the caller's `inputs_em
 itself, which is then ablated in place too. Works with `generate()` and the KV cache (keys and
 values are computed from ablated states), padded batches (every position is ablated; the
 padding does not matter) and `torch.compile` (the op is a registered mutating custom op).
+
+With a `Schedule` as scale, the hooks ablate only the writes, each at its own scale: the
+embeddings at the layer-0 input (what they write), and each layer's attention and MLP
+contributions; the layer inputs are left as they are. Each write is then the one the
+scheduled weight edit produces, so for models without post-sublayer norms
+`patch(mode="hooks")` equals `patch(mode="weights")` with the same schedule, up to rounding.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from torch.utils.hooks import RemovableHandle
 
 from .. import ops
 from . import families, weights
+from .schedule import Schedule, check_scale_or_schedule
 
 MODES = ("hooks", "weights")
 
@@ -70,22 +77,55 @@ def written_tensor(output: Any) -> torch.Tensor:
     return output if isinstance(output, torch.Tensor) else output[0]
 
 
-def _ablating_hooks(layer: families.LayerStructure, direction: torch.Tensor, scale: float) -> list[RemovableHandle]:
-    def ablate_input(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+def _ablate_input(layer: nn.Module, direction: torch.Tensor, scale: float) -> RemovableHandle:
+    def ablate(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         ops.ablate_(layer_input(args, kwargs), direction, scale)
 
-    def ablate_output(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+    return layer.register_forward_pre_hook(ablate, with_kwargs=True)
+
+
+def _ablate_output(site: nn.Module, direction: torch.Tensor, scale: float) -> RemovableHandle:
+    def ablate(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
         ops.ablate_(written_tensor(output), direction, scale)
 
-    return [
-        layer.layer.register_forward_pre_hook(ablate_input, with_kwargs=True),
-        layer.attention_site.register_forward_hook(ablate_output),
-        layer.mlp_site.register_forward_hook(ablate_output),
-    ]
+    return site.register_forward_hook(ablate)
+
+
+def _ablating_hooks(
+    structure: families.ModelStructure, directions: dict[int, torch.Tensor], scale: float
+) -> list[RemovableHandle]:
+    """The three sites of every selected layer: its input, its attention write, its MLP write."""
+    handles = []
+    for index, direction in directions.items():
+        layer = structure.layers[index]
+        handles += [
+            _ablate_input(layer.layer, direction, scale),
+            _ablate_output(layer.attention_site, direction, scale),
+            _ablate_output(layer.mlp_site, direction, scale),
+        ]
+    return handles
+
+
+def _scheduled_hooks(
+    structure: families.ModelStructure, directions: dict[int, torch.Tensor], schedule: Schedule
+) -> list[RemovableHandle]:
+    """Only the writes, each at its scale: the embeddings (at the layer-0 input), attention and MLP."""
+    handles = []
+    if schedule.embeddings and directions:
+        # As in weights mode, the embeddings take the first selected layer's direction.
+        first_layer = structure.layers[0].layer
+        direction = directions[min(directions)].to(next(first_layer.parameters()).device)
+        handles.append(_ablate_input(first_layer, direction, schedule.embeddings))
+    for index, direction in directions.items():
+        layer = structure.layers[index]
+        for site, scale in ((layer.attention_site, schedule.attention[index]), (layer.mlp_site, schedule.mlp[index])):
+            if scale:
+                handles.append(_ablate_output(site, direction, scale))
+    return handles
 
 
 def _weights_patch(
-    model: nn.Module, structure: families.ModelStructure, direction: torch.Tensor, layers, scale: float
+    model: nn.Module, structure: families.ModelStructure, direction: torch.Tensor, layers, scale: float | Schedule
 ) -> PatchHandle:
     selected = set(families.layer_directions(direction, structure, layers))
     tied = weights.head_is_tied(model, structure)
@@ -108,7 +148,7 @@ def patch(
     *,
     mode: str = "hooks",
     layers: Sequence[int] | None = None,
-    scale: float = 1.0,
+    scale: float | Schedule = 1.0,
 ) -> PatchHandle:
     """Remove the refusal direction from `model` until the returned handle is removed.
 
@@ -122,7 +162,9 @@ def patch(
             remove() can restore them; only this mode holds that extra memory.
         layers: only these layer indices (default all). In weights mode, only their writers
             are orthogonalized (and the embeddings), which is not the same as hooking them.
-        scale: 1 removes the component; see `refusal_kernels.ablate_`.
+        scale: 1 removes the component; see `refusal_kernels.ablate_`. A Schedule gives each
+            layer's attention and MLP writes, and the embeddings, their own scale; in hooks
+            mode it ablates those writes only (see the module docstring).
 
     Returns:
         A PatchHandle: `with patch(...):` or `handle.remove()`.
@@ -131,14 +173,13 @@ def patch(
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     structure = families.describe_model(model)
     if mode == "weights":
-        families.check_scale(scale)
+        check_scale_or_schedule(scale, len(structure.layers))
         return _weights_patch(model, structure, direction, layers, scale)
     directions = families.layer_directions(direction, structure, layers)
-    scale = families.check_scale(scale)
-    handles: list[RemovableHandle] = []
-    for index, layer_direction in directions.items():
-        handles += _ablating_hooks(structure.layers[index], layer_direction, scale)
-    return PatchHandle(handles)
+    scale = check_scale_or_schedule(scale, len(structure.layers))
+    if isinstance(scale, Schedule):
+        return PatchHandle(_scheduled_hooks(structure, directions, scale))
+    return PatchHandle(_ablating_hooks(structure, directions, scale))
 
 
 def add_direction(model: nn.Module, direction: torch.Tensor, *, layer: int, alpha: float = 1.0) -> PatchHandle:

@@ -294,7 +294,7 @@ def orthogonalize_checkpoint(
             quantized one (ValueError): load those and use `orthogonalize_model_`.
         dst_dir: the output directory; written atomically, as in `save_abliterated`.
         direction: [d_model] or [num_layers, d_model].
-        scale: as in `orthogonalize_model_`.
+        scale: one number for every writer, as in `orthogonalize_model_` (not a Schedule).
         overwrite: replace a non-empty dst_dir.
 
     Returns:

@@ -24,11 +24,24 @@ so rescales the token's whole written vector. On tiny random Gemma 2/3 models (s
 r carrying a large share of each write) the relative logit difference between the two modes
 is 0.09 (Gemma 2) and 0.08 (Gemma 3); tests/test_hf_patch.py asserts < 0.25. On trained
 models, where r carries a small fraction of each write, it is smaller.
+
+`scale` is one number for every writer or a `Schedule` (see `schedule`): a scale per layer for
+the attention writers and for the MLP writers, and one for the embeddings. Writers whose scale
+is 0 are left as they are and not recorded.
+
+With undo=True the record keeps, for each dense tensor, what `undo_` needs to add the removed
+component back: the fp32 unit direction d it was orthogonalized against, its scale s and the
+fp32 projection of the original weight, c = d^T W [..., d_in] for a matrix or v.d for each row
+of a row layout. That is O(d_in) memory per matrix (O(rows) for embeddings, biases, Conv1D
+weights), never a copy of the model, and it is computed chunk by chunk, so no fp32 copy of a
+whole tensor is made either. The restored weights are within about one rounding step of the
+original ones (the bound is in `undo_`'s docstring). Requantization is not reversible, so
+undo=True refuses quantized writers.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -36,11 +49,16 @@ from torch import nn
 
 from .. import ops
 from . import families
+from .schedule import Schedule, check_scale_or_schedule
+
+# undo_'s fp32 temporaries hold at most about this many elements of a tensor at a time.
+UNDO_CHUNK_ELEMENTS = 1 << 22
 
 
 @dataclass(frozen=True)
 class ChangedTensor:
-    """One tensor `orthogonalize_model_` changed: name, shape, layout (MATRIX/ROWS), layer.
+    """One tensor `orthogonalize_model_` changed: name, shape, layout (MATRIX/ROWS), layer, and
+    the scale it was orthogonalized with (its Schedule entry, or the one number).
 
     For a quantized weight, shape is that of the dequantized [out, in] matrix and `format`
     names the storage ("gptq", "bitsandbytes-nf4", ...; see `refusal_kernels.quant`); None
@@ -51,7 +69,41 @@ class ChangedTensor:
     shape: tuple[int, ...]
     layout: str
     layer: int | None
+    scale: float
     format: str | None = None
+
+
+@dataclass(frozen=True)
+class UndoEntry:
+    """What `undo_` needs to restore one dense tensor: W <- W + scale * d c^T.
+
+    name, tensor: the tensor (a parameter of the model) and its name.
+    layout: MATRIX or ROWS.
+    direction: the fp32 unit direction d it was orthogonalized against (normalize(g * r)
+        behind a post-sublayer norm).
+    scale: the scale it was orthogonalized with.
+    projection: fp32 c, taken from the original tensor: d^T W [..., d_in] (MATRIX) or each
+        row's v.d [...] (ROWS).
+    version: tensor._version just after the edit; an in-place change since alters it.
+    """
+
+    name: str
+    tensor: torch.Tensor
+    layout: str
+    direction: torch.Tensor
+    scale: float
+    projection: torch.Tensor
+    version: int
+
+
+@dataclass
+class UndoData:
+    """The model, its structure (to tie the head again) and one UndoEntry per dense tensor changed."""
+
+    model: nn.Module
+    structure: families.ModelStructure
+    entries: list[UndoEntry]
+    spent: bool = False
 
 
 @dataclass
@@ -61,12 +113,14 @@ class OrthogonalizationRecord:
     changed: every tensor it modified, in order.
     untied_head: the name of the output head's weight if it was untied from the token
         embedding (it now holds its own copy of the original matrix), else None.
-    scale: the scale used.
+    scale: the scale used, a number or a Schedule.
+    undo: what `undo_` restores the weights from (orthogonalize_model_(..., undo=True)), else None.
     """
 
     changed: list[ChangedTensor] = field(default_factory=list)
     untied_head: str | None = None
-    scale: float = 1.0
+    scale: float | Schedule = 1.0
+    undo: UndoData | None = field(default=None, repr=False)
 
 
 def _output_head(model: nn.Module) -> nn.Module | None:
@@ -101,43 +155,145 @@ def retie_head(model: nn.Module, structure: families.ModelStructure) -> None:
     _refresh_tied_keys(model)
 
 
-def _targets(
-    structure: families.ModelStructure,
-    directions: dict[int, torch.Tensor],
+@dataclass(frozen=True)
+class _Edit:
+    """One writer to orthogonalize, with its fp32 unit direction (on its device) and its scale."""
+
+    writer: families.ResidualWriter
+    direction: torch.Tensor
+    scale: float
+
+
+def _plan(
+    model: nn.Module,
+    direction: torch.Tensor,
+    scale: float | Schedule,
     include_embeddings: bool,
-) -> list[tuple[families.ResidualWriter, torch.Tensor]]:
-    """Each writer with the fp32 direction it is orthogonalized against, on its device."""
+    layers: Sequence[int] | None,
+) -> tuple[families.ModelStructure, float | Schedule, list[_Edit]]:
+    """The structure, the checked scale and every edit; bad arguments raise before anything is written."""
+    structure = families.describe_model(model)
+    directions = families.layer_directions(direction, structure, layers)
+    scale = check_scale_or_schedule(scale, len(structure.layers))
+    schedule = scale if isinstance(scale, Schedule) else Schedule.constant(len(structure.layers), scale)
     first = directions[min(directions)] if directions else None
     gains: dict[int, torch.Tensor] = {}
-    targets = []
+    edits = []
     for writer in structure.writers(set(directions), include_embeddings and first is not None):
+        writer_scale = schedule.scale_of(writer)
+        if writer_scale == 0:
+            continue
         base = first if writer.layer is None else directions[writer.layer]
         gain = None
         if writer.post_norm is not None:
             gain = gains.setdefault(id(writer.post_norm), families.norm_gain(writer.post_norm))
         target = families.writer_direction(base, gain).to(writer.parameter.device)
-        targets.append((writer, target))
-    return targets
+        edits.append(_Edit(writer, target, writer_scale))
+    _check_quantized(edits)
+    return structure, scale, edits
 
 
-def _check_quantized(targets: list[tuple[families.ResidualWriter, torch.Tensor]], scale: float) -> None:
+def _check_quantized(edits: list[_Edit]) -> None:
     """Every quantized writer's layout, checked before anything is written; errors name the tensor."""
-    for writer, target in targets:
-        if writer.quantized is None:
+    for edit in edits:
+        quantized = edit.writer.quantized
+        if quantized is None:
             continue
         try:
-            writer.quantized.check(target, scale)
+            quantized.check(edit.direction, edit.scale)
         except (ValueError, TypeError) as error:
-            raise type(error)(f"{writer.name} ({writer.quantized.format}): {error}") from error
+            raise type(error)(f"{edit.writer.name} ({quantized.format}): {error}") from error
+
+
+def _check_reversible(edits: list[_Edit]) -> None:
+    """undo=True needs dense writers: requantizing is not exactly reversible. Errors name the module."""
+    for edit in edits:
+        quantized = edit.writer.quantized
+        if quantized is not None:
+            module = edit.writer.name.removesuffix(f".{quantized.tensor_name}")
+            raise ValueError(
+                f"{module} ({quantized.format}): undo=True needs dense weights, since requantizing is not "
+                "exactly reversible; patch(mode='weights') restores quantized storage from a copy"
+            )
+
+
+def _vectors(tensor: torch.Tensor, layout: str) -> torch.Tensor:
+    """A view [..., n, d_model] of the n residual vectors of a tensor: a matrix's columns, or its rows."""
+    if layout == families.MATRIX:
+        return tensor.transpose(-1, -2)
+    return tensor if tensor.dim() > 1 else tensor.unsqueeze(0)
+
+
+def _chunks(vectors: torch.Tensor) -> Iterator[slice]:
+    """Slices of the vectors' axis whose chunks hold about UNDO_CHUNK_ELEMENTS elements each."""
+    count = vectors.shape[-2]
+    step = max(1, UNDO_CHUNK_ELEMENTS * count // max(1, vectors.numel()))
+    return (slice(start, start + step) for start in range(0, count, step))
+
+
+def _projection(tensor: torch.Tensor, layout: str, direction: torch.Tensor) -> torch.Tensor:
+    """c = d.v in fp32 for each residual vector v of the tensor ([..., n]), one chunk at a time."""
+    vectors = _vectors(tensor.detach(), layout)
+    return torch.cat([vectors[..., chunk, :].float() @ direction for chunk in _chunks(vectors)], dim=-1)
+
+
+def _restore_(entry: UndoEntry) -> None:
+    """v <- v + scale * c d for each residual vector, in fp32 one chunk at a time, rounded once."""
+    vectors = _vectors(entry.tensor.detach(), entry.layout)
+    for chunk in _chunks(vectors):
+        part = vectors[..., chunk, :]
+        part.copy_(torch.addcmul(part.float(), entry.projection[..., chunk, None], entry.direction, value=entry.scale))
+
+
+def _orthogonalize_dense_(edit: _Edit, undo: bool) -> UndoEntry | None:
+    """Orthogonalize one dense tensor; with undo, return what restores it."""
+    writer = edit.writer
+    projection = _projection(writer.parameter, writer.layout, edit.direction) if undo else None
+    orthogonalize = ops.orthogonalize_ if writer.layout == families.MATRIX else ops.ablate_
+    orthogonalize(writer.parameter.data, edit.direction, edit.scale)
+    if projection is None:
+        return None
+    version = writer.parameter._version
+    return UndoEntry(writer.name, writer.parameter, writer.layout, edit.direction, edit.scale, projection, version)
+
+
+def _apply(
+    model: nn.Module,
+    structure: families.ModelStructure,
+    edits: list[_Edit],
+    scale: float | Schedule,
+    undo: bool,
+) -> OrthogonalizationRecord:
+    """Make the planned edits; with undo, record an UndoEntry for every dense tensor."""
+    record = OrthogonalizationRecord(scale=scale)
+    entries: list[UndoEntry] = []
+    if any(e.writer.component == families.EMBEDDING for e in edits) and head_is_tied(model, structure):
+        record.untied_head = untie_head(model, structure)
+    with torch.no_grad():
+        for edit in edits:
+            writer, quantized = edit.writer, edit.writer.quantized
+            if quantized is not None:
+                quantized.orthogonalize_(edit.direction, edit.scale)
+                shape, fmt = quantized.shape, quantized.format
+            else:
+                entry = _orthogonalize_dense_(edit, undo)
+                if entry is not None:
+                    entries.append(entry)
+                shape, fmt = tuple(writer.parameter.shape), None
+            record.changed.append(ChangedTensor(writer.name, shape, writer.layout, writer.layer, edit.scale, fmt))
+    if undo:
+        record.undo = UndoData(model, structure, entries)
+    return record
 
 
 def orthogonalize_model_(
     model: nn.Module,
     direction: torch.Tensor,
     *,
-    scale: float = 1.0,
+    scale: float | Schedule = 1.0,
     include_embeddings: bool = True,
     layers: Sequence[int] | None = None,
+    undo: bool = False,
 ) -> OrthogonalizationRecord:
     """Orthogonalize every residual-stream writer of `model` against `direction`, in place.
 
@@ -146,36 +302,76 @@ def orthogonalize_model_(
         direction: [d_model], or one per layer [num_layers, d_model]; any float dtype. With one
             per layer, layer i's writers use row i and the embeddings use the row of the
             first selected layer.
-        scale: 1 removes the component; see `refusal_kernels.ablate_`.
+        scale: 1 removes the component; see `refusal_kernels.ablate_`. A Schedule gives each
+            layer's attention and MLP writers, and the embeddings, their own scale (0 leaves
+            them untouched).
         include_embeddings: also orthogonalize the token (and learned position) embedding rows;
             a head tied to the token embedding is untied first and keeps the original matrix.
         layers: only the writers of these layers (embeddings still follow include_embeddings).
+        undo: keep what `undo_` needs to restore the weights (O(d_in) per matrix, see the
+            module docstring). Quantized writers cannot be restored exactly, since their edit
+            requantizes: undo=True raises ValueError naming the first one (use
+            patch(mode="weights"), which keeps a copy of their storage).
 
     Quantized projections are edited in their quantized storage (see the module docstring).
 
     Returns:
-        An OrthogonalizationRecord naming every tensor changed.
+        An OrthogonalizationRecord naming every tensor changed, with the undo data if asked.
 
     Bad arguments raise ValueError/TypeError before any tensor is changed.
     """
-    structure = families.describe_model(model)
-    directions = families.layer_directions(direction, structure, layers)
-    scale = families.check_scale(scale)
-    targets = _targets(structure, directions, include_embeddings)
-    _check_quantized(targets, scale)
+    structure, scale, edits = _plan(model, direction, scale, include_embeddings, layers)
+    if undo:
+        _check_reversible(edits)
+    return _apply(model, structure, edits, scale, undo)
 
-    record = OrthogonalizationRecord(scale=float(scale))
-    if include_embeddings and head_is_tied(model, structure):
-        record.untied_head = untie_head(model, structure)
-    with torch.no_grad():
-        for writer, target in targets:
-            quantized = writer.quantized
-            if quantized is not None:
-                quantized.orthogonalize_(target, scale)
-            elif writer.layout == families.MATRIX:
-                ops.orthogonalize_(writer.parameter.data, target, scale)
-            else:
-                ops.ablate_(writer.parameter.data, target, scale)
-            shape, fmt = (quantized.shape, quantized.format) if quantized else (tuple(writer.parameter.shape), None)
-            record.changed.append(ChangedTensor(writer.name, shape, writer.layout, writer.layer, fmt))
-    return record
+
+def undo_(record: OrthogonalizationRecord) -> None:
+    """Restore, in place, the weights that `orthogonalize_model_(..., undo=True)` changed.
+
+    Each tensor gets its removed component back, W <- W + s d c^T (each row v <- v + s c d for
+    a row layout), computed in fp32 one chunk at a time and rounded once to its dtype; a head
+    that was untied shares the token embedding again. The record is then spent.
+
+    Restoration error: the edit rounded W - s d c^T once to the storage dtype and the undo
+    rounds W' + s d c^T once, so each restored element W_r is within about one rounding step
+    of the original W:
+
+        |W_r - W| <= ulp(m) + 2^-23 m + (2 d_model + 8) 2^-24 |s| |d_i| |x|,  m = max(|W'|, |W_r|)
+
+    where ulp(m) is the storage dtype's spacing at m (the power of two at or below m times
+    2^-23 for float32, 2^-10 for float16, 2^-7 for bfloat16; the subnormal spacing below the
+    normal range), d_i the direction's entry for the element's output and |x| the norm of the
+    vector the element belongs to (its matrix column, or its row). ulp(m) covers the two
+    roundings, half a step each; the rest is fp32 arithmetic: c = d^T x is accumulated by the
+    edit's kernel and by the record in different orders, each within d_model 2^-24 |x| of the
+    exact value, plus a few roundings of the products and sums. So for float16 and bfloat16 the
+    error is about one step, 2^-10 (about 1e-3) and 2^-7 (about 8e-3) of the element's magnitude.
+    For float32 the fp32 terms dominate: a few 2^-24 of |s d_i| |x|, the size of the removed
+    component, which for an element much smaller than that is many steps of its own.
+    tests/test_hf_undo.py checks this bound on every element of tiny models of four families.
+
+    Args:
+        record: the OrthogonalizationRecord of orthogonalize_model_(..., undo=True).
+
+    Raises:
+        TypeError: record is not an OrthogonalizationRecord.
+        ValueError: the record holds no undo data, or was already undone, or a tensor it
+            restores was changed in place since the edit (named; nothing is restored then).
+    """
+    if not isinstance(record, OrthogonalizationRecord):
+        raise TypeError(f"record must be an OrthogonalizationRecord, got {type(record).__name__}")
+    data = record.undo
+    if data is None:
+        raise ValueError("record holds no undo data: pass undo=True to orthogonalize_model_")
+    if data.spent:
+        raise ValueError("record was already undone: its undo data is spent")
+    for entry in data.entries:
+        if entry.tensor._version != entry.version:
+            raise ValueError(f"{entry.name} was changed in place after orthogonalize_model_; nothing was restored")
+    for entry in data.entries:
+        _restore_(entry)
+    if record.untied_head is not None:
+        retie_head(data.model, data.structure)
+    data.entries.clear()
+    data.spent = True
