@@ -381,6 +381,15 @@ def check_scale(scale: float, name: str = "scale") -> float:
     return float(scale)
 
 
+def execution_device(module: nn.Module) -> torch.device:
+    """Where a module computes: its parameters' device, or, for a module accelerate offloads
+    (its parameters wait on the meta device until each forward pass), its execution device."""
+    hook_device = getattr(getattr(module, "_hf_hook", None), "execution_device", None)
+    if hook_device is not None:
+        return torch.device(hook_device)
+    return next(module.parameters()).device
+
+
 def layer_directions(
     direction: torch.Tensor,
     structure: ModelStructure,
@@ -389,7 +398,7 @@ def layer_directions(
 ) -> dict[int, torch.Tensor]:
     """Validate `direction` ([d] or one per layer [L, d]) and `layers`; fp32 [d] per selected layer.
 
-    Each vector is placed on `device`, by default on its layer's device. Raises
+    Each vector is placed on `device`, by default where its layer computes. Raises
     ValueError/TypeError naming the argument.
     """
     if not isinstance(direction, torch.Tensor):
@@ -414,6 +423,6 @@ def layer_directions(
     result = {}
     for i in selected:
         row = direction if direction.dim() == 1 else direction[i]
-        target = device if device is not None else next(structure.layers[i].layer.parameters()).device
+        target = device if device is not None else execution_device(structure.layers[i].layer)
         result[i] = row.detach().to(device=target, dtype=torch.float32).contiguous()
     return result

@@ -189,8 +189,20 @@ def _plan(
             gain = gains.setdefault(id(writer.post_norm), families.norm_gain(writer.post_norm))
         target = families.writer_direction(base, gain).to(writer.parameter.device)
         edits.append(_Edit(writer, target, writer_scale))
+    _check_in_memory(edits)
     _check_quantized(edits)
     return structure, scale, edits
+
+
+def _check_in_memory(edits: list[_Edit]) -> None:
+    """Offloaded weights (on the meta device until a forward pass loads them) cannot be edited in place."""
+    offloaded = [edit.writer.name for edit in edits if edit.writer.parameter.device.type == "meta"]
+    if offloaded:
+        raise ValueError(
+            f"{offloaded[0]} and {len(offloaded) - 1} other residual writers are offloaded (on the meta device), "
+            "so they cannot be orthogonalized in place; use hooks mode, or orthogonalize_checkpoint on the "
+            "checkpoint's files"
+        )
 
 
 def _check_quantized(edits: list[_Edit]) -> None:
