@@ -136,7 +136,10 @@ PAPER_THRESHOLDS = {"kl_threshold": 0.1, "induce_threshold": 0.0}
 
 
 def selection_thresholds(args) -> dict:
-    thresholds = dict(TINY_DEMO_THRESHOLDS if args.model == "tiny-demo" else PAPER_THRESHOLDS)
+    from .models import default as default_model
+
+    presets = {None: default_model.SELECTION, "tiny-demo": TINY_DEMO_THRESHOLDS}
+    thresholds = dict(presets.get(args.model, PAPER_THRESHOLDS))
     if args.kl_threshold is not None:
         thresholds["kl_threshold"] = args.kl_threshold
     if args.induce_threshold is not None:
@@ -422,11 +425,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--direction", help="a direction.pt file (or a directory holding one) instead of finding one")
         p.add_argument("--layer", type=int, help="take the direction at this layer (with --position)")
         p.add_argument(
-            "--kl-threshold", type=float, help="drop candidates with KL on harmless above this (0.1; tiny-demo 0.5)"
+            "--kl-threshold",
+            type=float,
+            help="drop candidates with KL on harmless above this (0.1; default model 0.2; tiny-demo 0.5)",
         )
         p.add_argument(
             "--induce-threshold",
-            help="drop candidates whose added direction scores at or below this, or 'off' (0; tiny-demo off)",
+            help="drop candidates whose added direction scores at or below this, or 'off' (0; default model and tiny-demo off)",
         )
         p.add_argument("--position", type=int, help="post-instruction position, negative (-1 is the last token)")
         p.add_argument(

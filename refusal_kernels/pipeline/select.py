@@ -272,6 +272,7 @@ def find_direction(
                 "the model refuses every one of the harmless_val prompts; pass other prompts or filter_prompts=False"
             )
     prompts.update(harmful_val=len(harmful_val), harmless_val=len(harmless_val))
+    baseline_sequences = scorer.sequences
     lap("baseline")
 
     scores = {name: torch.full((n_layers, n_positions), math.nan) for name in SCORE_NAMES}
@@ -298,6 +299,8 @@ def find_direction(
         ranked = eligible
         record("bypass", ranked, scorer.bypass(candidates_of(ranked), harmful_val))
         record("kl", ranked, scorer.kl(candidates_of(ranked), harmless_val, base_logits))
+        if opts.induce_threshold is not None:
+            record("induce", ranked, scorer.induce(candidates_of(ranked), [layer for layer, _ in ranked], harmless_val))
         chunk = len(ranked)
     else:
         ranked = _successive_halving(
@@ -313,7 +316,10 @@ def find_direction(
         passing = [(scores["bypass"][layer, p].item(), layer, p) for layer, p in within_kl[:1]]
     for start in range(0, len(within_kl) if opts.induce_threshold is not None else 0, chunk):
         cells = within_kl[start : start + chunk]
-        record("induce", cells, scorer.induce(candidates_of(cells), [layer for layer, _ in cells], harmless_val))
+        unscored = [(layer, p) for layer, p in cells if math.isnan(scores["induce"][layer, p])]
+        if unscored:
+            induce = scorer.induce(candidates_of(unscored), [layer for layer, _ in unscored], harmless_val)
+            record("induce", unscored, induce)
         scored += cells
         passing = [
             (scores["bypass"][layer, p].item(), layer, p)
@@ -328,7 +334,11 @@ def find_direction(
     filtered["kl"] = len(ranked) - len(within_kl)
     filtered["induce"] = len(scored) - len(passing) if opts.induce_threshold is not None else 0
     filtered["not_reached"] = len(within_kl) - len(scored)
-    exhaustive_sequences = len(eligible) * (len(harmful_val) + 2 * len(harmless_val)) + len(harmless_val)
+    # Exhaustive scoring: the same baseline, then every metric for every eligible candidate.
+    metrics_on_harmless = 1 if opts.induce_threshold is None else 2
+    exhaustive_sequences = baseline_sequences + len(eligible) * (
+        len(harmful_val) + metrics_on_harmless * len(harmless_val)
+    )
     if not passing:
         raise NoCandidateError(
             f"no candidate survived: {filtered['layer']} removed for layer >= {opts.max_layer_fraction} L, "
