@@ -22,7 +22,7 @@ SCORE_NAMES = ("bypass", "induce", "kl")
 
 @dataclass
 class DirectionResult:
-    direction: torch.Tensor  # [d_model] float32: mean_harmful - mean_harmless at (layer, position)
+    direction: torch.Tensor  # [d_model] float32: the `variant` at (layer, position), e.g. mean_harmful - mean_harmless
     layer: int
     position: int  # a negative index into the post-instruction tokens, -n_positions .. -1
     n_layers: int
@@ -34,6 +34,7 @@ class DirectionResult:
     timings: dict[str, float] = field(default_factory=dict)  # stage -> seconds
     forward_passes: dict[str, int] = field(default_factory=dict)  # "used", "exhaustive"
     source: str = ""
+    variant: str = "difference"  # how the direction was built from the means (see `variants`)
 
     def score(self, name: str) -> float:
         return float(self.scores[name][self.layer, self.positions.index(self.position)])
@@ -63,6 +64,7 @@ class DirectionResult:
             "scores": self.scores,
             "refusal_tokens": self.refusal_tokens,
             "source": self.source,
+            "variant": self.variant,
         }
 
     @classmethod
