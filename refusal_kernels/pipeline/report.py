@@ -49,9 +49,9 @@ class DirectionResult:
     def save(self, out_dir: str | os.PathLike) -> Path:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        _atomic_write(out / "direction.pt", lambda f: torch.save(self._payload(), f))
-        _atomic_write(out / "direction.json", lambda f: f.write(json.dumps(self.metadata(), indent=2).encode()))
-        _atomic_write(out / "heatmaps.png", lambda f: plot_heatmaps(self, f))
+        atomic_write(out / "direction.pt", lambda f: torch.save(self._payload(), f))
+        atomic_write(out / "direction.json", lambda f: f.write(json.dumps(self.metadata(), indent=2).encode()))
+        atomic_write(out / "heatmaps.png", lambda f: plot_heatmaps(self, f))
         return out
 
     def _payload(self) -> dict:
@@ -81,7 +81,7 @@ def _nan_to_none(rows):
     return [[None if isinstance(v, float) and math.isnan(v) else v for v in row] for row in rows]
 
 
-def _atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
     """Write through a temporary file in the same directory, then rename over `path`."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
