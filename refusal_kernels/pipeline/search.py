@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 from .. import hf
 from ..hf.schedule import Peak, Schedule
 from . import chat, judge, select, variants
-from .report import atomic_write
+from .report import SCORE_NAMES, DirectionResult, atomic_write
 from .scoring import Sites, last_token_logits
 
 SAMPLERS = ("auto", "optuna", "random")
@@ -180,6 +180,32 @@ class SearchResult:
     def direction(self, number: int) -> torch.Tensor:
         """The direction(s) trial `number` applies: [d_model] or one per layer [n_layers, d_model]."""
         return trial_direction(self.trial(number).params, self.means["harmful"], self.means["harmless"])
+
+    def direction_result(self, number: int) -> DirectionResult:
+        """Trial `number`'s direction(s) as a DirectionResult (unscored), for reports and direction.pt.
+
+        layer is the nearest layer to a global direction's index (0 for per-layer directions);
+        variant names how the direction was built.
+        """
+        params = self.trial(number).params
+        if params.direction_index is None:
+            layer, variant = 0, "per-layer projected" if params.projected else "per-layer"
+        else:
+            layer = round(params.direction_index)
+            variant = f"interpolated at {params.direction_index:.3f}" + (", biprojected" if params.projected else "")
+        return DirectionResult(
+            direction=self.direction(number),
+            layer=layer,
+            position=self.position,
+            n_layers=self.n_layers,
+            positions=[self.position],
+            scores={name: torch.full((self.n_layers, 1), math.nan) for name in SCORE_NAMES},
+            refusal_tokens=self.refusal_tokens,
+            prompts=self.prompts,
+            timings=self.timings,
+            source=self.source,
+            variant=variant,
+        )
 
     def apply(self, model: nn.Module, number: int, *, undo: bool = False) -> hf.OrthogonalizationRecord:
         """Edit `model` in place as trial `number` did (see `apply_trial`)."""
