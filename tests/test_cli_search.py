@@ -14,21 +14,33 @@ from refusal_kernels.pipeline.search import SearchResult
 
 
 @pytest.fixture(scope="module")
-def searched(tmp_path_factory):
+def demo_prompts(tmp_path_factory):
+    """A few of the demo model's own prompts as files, so that evaluation stays short."""
+    from refusal_kernels.models import tiny_demo_path
+
+    sets = json.loads((tiny_demo_path() / "eval_prompts.json").read_text())
+    folder = tmp_path_factory.mktemp("prompts")
+    for kind in ("harmful", "harmless"):
+        (folder / f"{kind}.json").write_text(json.dumps(sets[f"{kind}_train"][:48]))
+    return ["--harmful", str(folder / "harmful.json"), "--harmless", str(folder / "harmless.json"), "--n-val", "16"]
+
+
+@pytest.fixture(scope="module")
+def searched(tmp_path_factory, demo_prompts):
     out = tmp_path_factory.mktemp("search") / "out"
     argv = ["search", "--model", "tiny-demo", "--out", str(out), "--trials", "4", "--sampler", "random"]
-    assert cli.main([*argv, "--n-val", "16", "--judge-tokens", "8"]) == 0
+    assert cli.main([*argv, *demo_prompts, "--judge-tokens", "8"]) == 0
     return out
 
 
-def test_search_writes_the_front_and_abliterate_applies_a_trial(searched, tmp_path, capsys):
+def test_search_writes_the_front_and_abliterate_applies_a_trial(searched, demo_prompts, tmp_path):
     assert {p.name for p in searched.iterdir()} == {"search.json", "means.pt", "pareto.md", "pareto.png"}
     result = SearchResult.load(searched)
     assert len(result.trials) == 4 and result.pareto_front()
     number = result.pareto_front()[0]
     out = tmp_path / "model"
     argv = ["abliterate", "--model", "tiny-demo", "--trial", f"{searched}:{number}", "--out", str(out)]
-    assert cli.main([*argv, "--n-val", "16", "--max-new-tokens", "8"]) == 0
+    assert cli.main([*argv, *demo_prompts, "--max-new-tokens", "8"]) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["trial"]["number"] == number
     assert report["trial"]["norm_preserving"] == result.trial(number).params.norm_preserving
