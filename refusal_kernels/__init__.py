@@ -19,6 +19,7 @@ __all__ = [
     "orthogonalize_norm_preserving_",
     "quant",
     "reference",
+    "search",
     "set_backend",
     "undo_",
 ]
@@ -26,10 +27,14 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name: str) -> object:
-    # undo_ lives with orthogonalize_model_ in refusal_kernels.hf, imported only when asked for
-    # so that the ops do not import transformers.
+    # undo_ lives with orthogonalize_model_ in refusal_kernels.hf, and search in the pipeline:
+    # imported only when asked for, so that the ops do not import transformers.
     if name == "undo_":
         from .hf import undo_
 
         return undo_
+    if name == "search":
+        from .pipeline.search import search
+
+        return search
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -5,6 +5,8 @@
   direction   find and save a direction only
   evaluate    refusal rates and KL, with or without a direction applied by hooks
   chat        chat in the terminal; /ablate on|off toggles the direction (hooks mode)
+  search      search directions, per-layer schedules, norm preservation and projection; write
+              the Pareto front of refusals vs KL (abliterate --trial DIR:N applies a trial)
   bench       run the CPU op benchmarks and print the ratio table
 
 Errors a user can fix (a missing file, a bad prompt file, an existing output directory, ...)
@@ -224,16 +226,52 @@ def evaluate_sets(model, tokenizer, sets: dict[str, list[str]], args, baseline=N
     )
 
 
+def load_trial(spec: str, args):
+    """The SearchResult and trial number named by --trial DIR_OR_FILE:N, checked before the model loads."""
+    from .pipeline.search import SearchResult
+
+    path, _, number = spec.rpartition(":")
+    if not path or not number.lstrip("-").isdigit():
+        raise UsageError(f"--trial {spec}: expected DIR_OR_FILE:N, e.g. search-out:3")
+    if args.mode != "weights":
+        raise UsageError("--trial applies a trial's schedule and norm preservation to the weights: use --mode weights")
+    if args.direction or args.layer is not None or args.position is not None:
+        raise UsageError("--trial takes its direction from the search: drop --direction, --layer and --position")
+    try:
+        searched = SearchResult.load(path)
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as error:
+        raise UsageError(f"--trial {spec}: cannot read a search: {error}") from None
+    try:
+        searched.trial(int(number))
+    except ValueError as error:
+        raise UsageError(f"--trial {spec}: {error}") from None
+    return searched, int(number)
+
+
+def check_trial_fits(searched, model, spec: str) -> None:
+    n_layers, d_model = model.config.num_hidden_layers, model.config.hidden_size
+    if (searched.n_layers, searched.d_model) != (n_layers, d_model):
+        raise UsageError(
+            f"--trial {spec}: the search was run on a model with {searched.n_layers} layers and d_model "
+            f"{searched.d_model}, this one has {n_layers} and {d_model}"
+        )
+
+
 def cmd_abliterate(args) -> int:
     from . import hf
 
     spec = resolve_model(args.model)
     out = check_out_dir(args.out, spec, args.overwrite)
+    searched, trial = load_trial(args.trial, args) if args.trial else (None, None)
     sets = prompt_sets(args, spec)
     timings: dict[str, float] = {}
     spec, model, tokenizer, timings["load"] = load(args)
     clock = time.perf_counter()
-    result = obtain_direction(args, model, tokenizer, sets, spec)
+    if searched is not None:
+        check_trial_fits(searched, model, args.trial)
+        result = searched.direction_result(trial)
+    else:
+        result = obtain_direction(args, model, tokenizer, sets, spec)
     timings["direction"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
@@ -241,7 +279,10 @@ def cmd_abliterate(args) -> int:
     timings["evaluate_before"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
-    if args.mode == "weights":
+    if searched is not None:
+        searched.apply(model, trial)
+        applied = nullcontext()
+    elif args.mode == "weights":
         hf.orthogonalize_model_(model, result.direction, scale=args.scale)
         applied = nullcontext()
     else:
@@ -256,6 +297,7 @@ def cmd_abliterate(args) -> int:
         "model": spec,
         "mode": args.mode,
         "scale": args.scale,
+        "trial": None if searched is None else {"number": trial, **searched.trial(trial).params.to_dict()},
         "direction": result.metadata(),
         "before": before.summary(),
         "after": after.summary(),
@@ -274,6 +316,8 @@ def cmd_abliterate(args) -> int:
     clock = time.perf_counter()
     metadata = {"direction": result.direction, "layer": result.layer, "position": result.position, "scale": args.scale}
     metadata["scores"] = {"before": before.summary(), "after": after.summary()}
+    if searched is not None:
+        metadata["trial"] = report["trial"]
     if args.mode == "weights":
         hf.save_abliterated(model, tokenizer, out, metadata=metadata, overwrite=args.overwrite, extra=write_report)
     else:  # hooks are not part of a checkpoint: the direction and the report only
@@ -389,6 +433,40 @@ def cmd_chat(args) -> int:
     return 0
 
 
+def cmd_search(args) -> int:
+    from . import hf
+    from .pipeline.search import search
+
+    spec = resolve_model(args.model)
+    out = check_out_dir(args.out, spec, args.overwrite)
+    sets = prompt_sets(args, spec)
+    spec, model, tokenizer, _ = load(args)
+    result = search(
+        model,
+        tokenizer,
+        sets["harmful"],
+        sets["harmless"],
+        harmful_val=sets["harmful_val"],
+        harmless_val=sets["harmless_val"],
+        trials=args.trials,
+        sampler=args.sampler,
+        n_train=args.n_train,
+        score_prompts=args.score_prompts,
+        kl_prompts=args.kl_prompts,
+        judge_prompts=args.judge_prompts,
+        judge_tokens=args.judge_tokens,
+        seed=args.seed,
+        source=spec,
+    )
+    with hf.io.atomic_directory(out, args.overwrite, protected=[]) as directory:
+        result.save(directory)
+    print(result.pareto_table())
+    seconds = ", ".join(f"{stage} {value:.1f}s" for stage, value in result.timings.items())
+    print(f"{len(result.trials)} trials ({result.sampler}): {seconds}")
+    print(f"saved to {out}; apply a trial with: refusal-kernels abliterate --trial {out}:N --out DIR")
+    return 0
+
+
 def cmd_bench(args) -> int:
     bench_dir = Path(__file__).resolve().parent.parent / "benchmarks"
     if not (bench_dir / "bench_cpu_ops.py").exists():
@@ -446,6 +524,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--mode", choices=("weights", "hooks"), default="weights")
     p.add_argument("--scale", type=float, default=1.0)
+    p.add_argument(
+        "--trial",
+        metavar="DIR_OR_FILE:N",
+        help="apply trial N of a `search` output (its direction, schedule and norm preservation) instead",
+    )
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(run=cmd_abliterate)
 
@@ -466,6 +549,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--direction")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.set_defaults(run=cmd_chat)
+
+    p = commands.add_parser("search", help="search for the Pareto front of refusals vs KL")
+    model_options(p)
+    p.add_argument("--out", required=True, help="output directory for search.json, means.pt, pareto.md, pareto.png")
+    p.add_argument("--trials", type=int, default=20)
+    p.add_argument("--sampler", choices=("auto", "optuna", "random"), default="auto", help="auto: optuna if installed")
+    p.add_argument("--score-prompts", type=int, default=16, help="harmful prompts for every trial's refusal score")
+    p.add_argument("--kl-prompts", type=int, default=16, help="harmless prompts for every trial's KL")
+    p.add_argument("--judge-prompts", type=int, default=16, help="harmful prompts answered by the judged trials")
+    p.add_argument("--judge-tokens", type=int, default=12, help="answer length for the judge")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(run=cmd_search)
 
     p = commands.add_parser("bench", help="run the CPU op benchmarks")
     p.add_argument("pytest_args", nargs="*", help="extra pytest arguments")
@@ -494,6 +589,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         StructureError,
         ModelUnavailableError,
         NoCandidateError,
+        ImportError,
     ) as error:
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         print(f"refusal-kernels: error: {message}", file=sys.stderr)

@@ -163,3 +163,68 @@ def test_undo_refuses_quantized_writers_before_writing_anything():
     with pytest.raises(ValueError, match=re.escape("model.layers.0.self_attn.o_proj (gptq): undo=True needs dense")):
         orthogonalize_model_(model, tiny_direction(model), undo=True)
     assert all(torch.equal(before[name], t) for name, t in model.state_dict().items())
+
+
+def _norm_preserving_bound(entry, original: torch.Tensor, edited: torch.Tensor, restored: torch.Tensor):
+    """undo_'s stated bound for a norm-preserving edit, fp64: the plain bound with its rounding
+    term scaled by max(1, f) and a term for the rescaling, (2 d_model + 8) 2^-24 |W'| / f, where
+    f = ||x - s c d|| / ||x|| is what the edit rescaled the vector by."""
+    fraction = weights._kept_fraction(entry.norms, entry.projection, entry.scale).double()
+    fraction = fraction[..., None, :] if entry.layout == fam.MATRIX else fraction[..., None]
+    magnitude = torch.maximum(edited.double().abs(), restored.double().abs())
+    plain = _restoration_bound(entry, original, edited, restored)
+    rounding = _ulp(magnitude, original.dtype)
+    rescaling = (2 * entry.direction.numel() + 8) * 2**-24 * edited.double().abs() / fraction
+    return plain + rounding * (fraction.clamp_min(1) - 1) + rescaling
+
+
+@pytest.mark.parametrize("scale", ["scale 1", "peaked schedule"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("family", UNDO_FAMILIES)
+def test_norm_preserving_edit_keeps_norms_and_undo_restores_it(family, dtype, scale):
+    model = tiny_model(family).to(dtype)
+    direction = tiny_direction(model)
+    original = {name: p.detach().clone() for name, p in model.named_parameters()}
+    logits = _forward(model)
+
+    record = orthogonalize_model_(model, direction, scale=SCALES[scale], norm_preserving=True, undo=True)
+    assert record.norm_preserving
+    entries = list(record.undo.entries)
+    edited = {e.name: e.tensor.detach().clone() for e in entries}
+    for entry in entries:
+        assert entry.norms is not None and entry.norms.shape == entry.projection.shape
+        before = weights._vectors(original[entry.name], entry.layout).float().norm(dim=-1)
+        after = weights._vectors(edited[entry.name], entry.layout).float().norm(dim=-1)
+        torch.testing.assert_close(after, before, rtol=2 * torch.finfo(dtype).eps, atol=1e-6)
+        torch.testing.assert_close(entry.norms, before, rtol=1e-6, atol=1e-7)
+
+    undo_(record)
+    worst = 0.0
+    for entry in entries:
+        now = entry.tensor.detach()
+        error = (now.double() - original[entry.name].double()).abs()
+        bound = _norm_preserving_bound(entry, original[entry.name], edited[entry.name], now)
+        worst = max(worst, float((error / bound).max()))
+    print(f"{family} {dtype} {scale} norm-preserving: largest restoration error {worst:.3f} of the bound")
+    assert worst <= 1.0
+    if dtype == torch.float32:
+        assert _relative_difference(_forward(model), logits) < 1e-5
+
+
+def test_norm_preserving_matrices_use_the_column_op():
+    model = tiny_model("llama")
+    direction = tiny_direction(model)
+    weight = model.model.layers[0].mlp.down_proj.weight
+    expected = weight.detach().clone()
+    unit = direction.float() / direction.float().norm()
+    refusal_kernels.orthogonalize_norm_preserving_(expected, unit, 0.7, axis="column")
+    orthogonalize_model_(model, direction, scale=0.7, norm_preserving=True)
+    torch.testing.assert_close(weight.detach(), expected)
+
+
+def test_norm_preserving_refuses_quantized_writers_before_writing_anything():
+    model = _quantize_writers(tiny_model("llama"), GPTQLinear)
+    before = {name: t.clone() for name, t in model.state_dict().items()}
+    with pytest.raises(ValueError, match=re.escape("(gptq): norm_preserving=True needs dense weights")):
+        orthogonalize_model_(model, tiny_direction(model), norm_preserving=True)
+    assert all(torch.equal(before[name], t) for name, t in model.state_dict().items())

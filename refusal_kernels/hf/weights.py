@@ -37,6 +37,13 @@ weights), never a copy of the model, and it is computed chunk by chunk, so no fp
 whole tensor is made either. The restored weights are within about one rounding step of the
 original ones (the bound is in `undo_`'s docstring). Requantization is not reversible, so
 undo=True refuses quantized writers.
+
+With norm_preserving=True every residual vector v of a writer (a matrix's column, or a row of
+a row layout) keeps its norm: v <- ||v|| normalize(v - s (d.v) d), `orthogonalize_norm_preserving_`
+with axis="column" for matrices. It is reversible with the same O(d_in) record plus the fp32
+norms ||v||: since ||v - s c d||^2 = ||v||^2 - (2s - s^2) c^2, undo_ recovers
+v = v' sqrt(||v||^2 - (2s - s^2) c^2) / ||v|| + s c d. Quantized writers have no norm-preserving
+edit, so norm_preserving=True refuses them.
 """
 
 from __future__ import annotations
@@ -85,6 +92,8 @@ class UndoEntry:
     projection: fp32 c, taken from the original tensor: d^T W [..., d_in] (MATRIX) or each
         row's v.d [...] (ROWS).
     version: tensor._version just after the edit; an in-place change since alters it.
+    norms: for a norm-preserving edit, the fp32 norm ||v|| of each original residual vector
+        (same shape as projection); None for a plain edit.
     """
 
     name: str
@@ -94,6 +103,7 @@ class UndoEntry:
     scale: float
     projection: torch.Tensor
     version: int
+    norms: torch.Tensor | None = None
 
 
 @dataclass
@@ -114,12 +124,14 @@ class OrthogonalizationRecord:
     untied_head: the name of the output head's weight if it was untied from the token
         embedding (it now holds its own copy of the original matrix), else None.
     scale: the scale used, a number or a Schedule.
+    norm_preserving: whether every residual vector kept its norm (see the module docstring).
     undo: what `undo_` restores the weights from (orthogonalize_model_(..., undo=True)), else None.
     """
 
     changed: list[ChangedTensor] = field(default_factory=list)
     untied_head: str | None = None
     scale: float | Schedule = 1.0
+    norm_preserving: bool = False
     undo: UndoData | None = field(default=None, repr=False)
 
 
@@ -217,16 +229,13 @@ def _check_quantized(edits: list[_Edit]) -> None:
             raise type(error)(f"{edit.writer.name} ({quantized.format}): {error}") from error
 
 
-def _check_reversible(edits: list[_Edit]) -> None:
-    """undo=True needs dense writers: requantizing is not exactly reversible. Errors name the module."""
+def _check_dense(edits: list[_Edit], why: str) -> None:
+    """Raise ValueError naming the first quantized writer's module, followed by `why`."""
     for edit in edits:
         quantized = edit.writer.quantized
         if quantized is not None:
             module = edit.writer.name.removesuffix(f".{quantized.tensor_name}")
-            raise ValueError(
-                f"{module} ({quantized.format}): undo=True needs dense weights, since requantizing is not "
-                "exactly reversible; patch(mode='weights') restores quantized storage from a copy"
-            )
+            raise ValueError(f"{module} ({quantized.format}): {why}")
 
 
 def _vectors(tensor: torch.Tensor, layout: str) -> torch.Tensor:
@@ -243,30 +252,72 @@ def _chunks(vectors: torch.Tensor) -> Iterator[slice]:
     return (slice(start, start + step) for start in range(0, count, step))
 
 
-def _projection(tensor: torch.Tensor, layout: str, direction: torch.Tensor) -> torch.Tensor:
-    """c = d.v in fp32 for each residual vector v of the tensor ([..., n]), one chunk at a time."""
+def _projection(
+    tensor: torch.Tensor, layout: str, direction: torch.Tensor, with_norms: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """c = d.v in fp32 for each residual vector v of the tensor ([..., n]), one chunk at a time,
+    and with_norms, ||v|| in fp32 too (else None)."""
     vectors = _vectors(tensor.detach(), layout)
-    return torch.cat([vectors[..., chunk, :].float() @ direction for chunk in _chunks(vectors)], dim=-1)
+    projections, norms = [], []
+    for chunk in _chunks(vectors):
+        part = vectors[..., chunk, :].float()
+        projections.append(part @ direction)
+        if with_norms:
+            norms.append(part.norm(dim=-1))
+    return torch.cat(projections, dim=-1), torch.cat(norms, dim=-1) if with_norms else None
+
+
+def _kept_fraction(norms: torch.Tensor, projection: torch.Tensor, scale: float) -> torch.Tensor:
+    """||v - s c d|| / ||v|| from ||v|| and c, 0 for a zero vector: what a norm-preserving edit rescaled by."""
+    squared = (norms.square() - (2 * scale - scale * scale) * projection.square()).clamp_min(0)
+    return torch.where(norms > 0, squared.sqrt() / norms.clamp_min(torch.finfo(torch.float32).tiny), 0.0)
 
 
 def _restore_(entry: UndoEntry) -> None:
-    """v <- v + scale * c d for each residual vector, in fp32 one chunk at a time, rounded once."""
+    """v <- v + scale * c d for each residual vector (after undoing the rescaling of a
+    norm-preserving edit), in fp32 one chunk at a time, rounded once."""
     vectors = _vectors(entry.tensor.detach(), entry.layout)
     for chunk in _chunks(vectors):
         part = vectors[..., chunk, :]
-        part.copy_(torch.addcmul(part.float(), entry.projection[..., chunk, None], entry.direction, value=entry.scale))
+        edited = part.float()
+        if entry.norms is not None:
+            edited *= _kept_fraction(entry.norms[..., chunk], entry.projection[..., chunk], entry.scale)[..., None]
+        part.copy_(torch.addcmul(edited, entry.projection[..., chunk, None], entry.direction, value=entry.scale))
 
 
-def _orthogonalize_dense_(edit: _Edit, undo: bool) -> UndoEntry | None:
-    """Orthogonalize one dense tensor; with undo, return what restores it."""
+def _ablate_rows_norm_preserving_(tensor: torch.Tensor, direction: torch.Tensor, scale: float) -> None:
+    """v <- ||v|| normalize(v - scale (d.v) d) for each row, in fp32 one chunk at a time.
+
+    A row the update empties (to 2^-16 of its squared norm or less) becomes zero, as in
+    `ops.orthogonalize_norm_preserving_`.
+    """
+    vectors = _vectors(tensor, families.ROWS)
+    for chunk in _chunks(vectors):
+        part = vectors[..., chunk, :]
+        rows = part.float()
+        norms = rows.norm(dim=-1, keepdim=True)
+        rows -= scale * (rows @ direction)[..., None] * direction
+        updated = rows.norm(dim=-1, keepdim=True)
+        emptied = updated.square() <= 2**-16 * norms.square()
+        part.copy_(torch.where(emptied, 0.0, rows * (norms / updated.clamp_min(torch.finfo(torch.float32).tiny))))
+
+
+def _orthogonalize_dense_(edit: _Edit, undo: bool, norm_preserving: bool) -> UndoEntry | None:
+    """Orthogonalize one dense tensor, plainly or keeping each residual vector's norm; with undo,
+    return what restores it."""
     writer = edit.writer
-    projection = _projection(writer.parameter, writer.layout, edit.direction) if undo else None
-    orthogonalize = ops.orthogonalize_ if writer.layout == families.MATRIX else ops.ablate_
-    orthogonalize(writer.parameter.data, edit.direction, edit.scale)
+    tensor, layout = writer.parameter.data, writer.layout
+    projection, norms = _projection(tensor, layout, edit.direction, norm_preserving) if undo else (None, None)
+    if not norm_preserving:
+        (ops.orthogonalize_ if layout == families.MATRIX else ops.ablate_)(tensor, edit.direction, edit.scale)
+    elif layout == families.MATRIX:
+        ops.orthogonalize_norm_preserving_(tensor, edit.direction, edit.scale, axis="column")
+    else:
+        _ablate_rows_norm_preserving_(tensor, edit.direction, edit.scale)
     if projection is None:
         return None
     version = writer.parameter._version
-    return UndoEntry(writer.name, writer.parameter, writer.layout, edit.direction, edit.scale, projection, version)
+    return UndoEntry(writer.name, writer.parameter, layout, edit.direction, edit.scale, projection, version, norms)
 
 
 def _apply(
@@ -275,9 +326,10 @@ def _apply(
     edits: list[_Edit],
     scale: float | Schedule,
     undo: bool,
+    norm_preserving: bool = False,
 ) -> OrthogonalizationRecord:
     """Make the planned edits; with undo, record an UndoEntry for every dense tensor."""
-    record = OrthogonalizationRecord(scale=scale)
+    record = OrthogonalizationRecord(scale=scale, norm_preserving=norm_preserving)
     entries: list[UndoEntry] = []
     if any(e.writer.component == families.EMBEDDING for e in edits) and head_is_tied(model, structure):
         record.untied_head = untie_head(model, structure)
@@ -288,7 +340,7 @@ def _apply(
                 quantized.orthogonalize_(edit.direction, edit.scale)
                 shape, fmt = quantized.shape, quantized.format
             else:
-                entry = _orthogonalize_dense_(edit, undo)
+                entry = _orthogonalize_dense_(edit, undo, norm_preserving)
                 if entry is not None:
                     entries.append(entry)
                 shape, fmt = tuple(writer.parameter.shape), None
@@ -305,6 +357,7 @@ def orthogonalize_model_(
     scale: float | Schedule = 1.0,
     include_embeddings: bool = True,
     layers: Sequence[int] | None = None,
+    norm_preserving: bool = False,
     undo: bool = False,
 ) -> OrthogonalizationRecord:
     """Orthogonalize every residual-stream writer of `model` against `direction`, in place.
@@ -320,6 +373,9 @@ def orthogonalize_model_(
         include_embeddings: also orthogonalize the token (and learned position) embedding rows;
             a head tied to the token embedding is untied first and keeps the original matrix.
         layers: only the writers of these layers (embeddings still follow include_embeddings).
+        norm_preserving: keep the norm of every residual vector (each matrix column, each row
+            of a row layout): v <- ||v|| normalize(v - s (d.v) d). Dense writers only:
+            quantized ones raise ValueError naming the first.
         undo: keep what `undo_` needs to restore the weights (O(d_in) per matrix, see the
             module docstring). Quantized writers cannot be restored exactly, since their edit
             requantizes: undo=True raises ValueError naming the first one (use
@@ -334,8 +390,14 @@ def orthogonalize_model_(
     """
     structure, scale, edits = _plan(model, direction, scale, include_embeddings, layers)
     if undo:
-        _check_reversible(edits)
-    return _apply(model, structure, edits, scale, undo)
+        _check_dense(
+            edits,
+            "undo=True needs dense weights, since requantizing is not exactly reversible; "
+            "patch(mode='weights') restores quantized storage from a copy",
+        )
+    if norm_preserving:
+        _check_dense(edits, "norm_preserving=True needs dense weights: the quantized edits do not keep norms")
+    return _apply(model, structure, edits, scale, undo, norm_preserving)
 
 
 def undo_(record: OrthogonalizationRecord) -> None:
@@ -362,6 +424,13 @@ def undo_(record: OrthogonalizationRecord) -> None:
     For float32 the fp32 terms dominate: a few 2^-24 of |s d_i| |x|, the size of the removed
     component, which for an element much smaller than that is many steps of its own.
     tests/test_hf_undo.py checks this bound on every element of tiny models of four families.
+
+    After a norm-preserving edit each vector is first scaled back by f = ||x - s c d|| / ||x||
+    (found from the recorded ||x|| and c), then gets s c d back. The rounding term becomes
+    max(1, f) ulp(m), and the rescaling adds (2 d_model + 8) 2^-24 |W'| / f: computing f
+    subtracts (2s - s^2) c^2 from ||x||^2, which loses precision when the vector lay almost
+    along d (small f). A vector the edit emptied (f <= 2^-8, set to zero as
+    `orthogonalize_norm_preserving_` does) comes back as s c d, off by its tiny remainder.
 
     Args:
         record: the OrthogonalizationRecord of orthogonalize_model_(..., undo=True).

@@ -22,7 +22,7 @@ SCORE_NAMES = ("bypass", "induce", "kl")
 
 @dataclass
 class DirectionResult:
-    direction: torch.Tensor  # [d_model] float32: mean_harmful - mean_harmless at (layer, position)
+    direction: torch.Tensor  # [d_model] float32: the `variant` at (layer, position), e.g. mean_harmful - mean_harmless
     layer: int
     position: int  # a negative index into the post-instruction tokens, -n_positions .. -1
     n_layers: int
@@ -34,6 +34,7 @@ class DirectionResult:
     timings: dict[str, float] = field(default_factory=dict)  # stage -> seconds
     forward_passes: dict[str, int] = field(default_factory=dict)  # "used", "exhaustive"
     source: str = ""
+    variant: str = "difference"  # how the direction was built from the means (see `variants`)
 
     def score(self, name: str) -> float:
         return float(self.scores[name][self.layer, self.positions.index(self.position)])
@@ -48,9 +49,9 @@ class DirectionResult:
     def save(self, out_dir: str | os.PathLike) -> Path:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        _atomic_write(out / "direction.pt", lambda f: torch.save(self._payload(), f))
-        _atomic_write(out / "direction.json", lambda f: f.write(json.dumps(self.metadata(), indent=2).encode()))
-        _atomic_write(out / "heatmaps.png", lambda f: plot_heatmaps(self, f))
+        atomic_write(out / "direction.pt", lambda f: torch.save(self._payload(), f))
+        atomic_write(out / "direction.json", lambda f: f.write(json.dumps(self.metadata(), indent=2).encode()))
+        atomic_write(out / "heatmaps.png", lambda f: plot_heatmaps(self, f))
         return out
 
     def _payload(self) -> dict:
@@ -63,6 +64,7 @@ class DirectionResult:
             "scores": self.scores,
             "refusal_tokens": self.refusal_tokens,
             "source": self.source,
+            "variant": self.variant,
         }
 
     @classmethod
@@ -79,7 +81,7 @@ def _nan_to_none(rows):
     return [[None if isinstance(v, float) and math.isnan(v) else v for v in row] for row in rows]
 
 
-def _atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
     """Write through a temporary file in the same directory, then rename over `path`."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:

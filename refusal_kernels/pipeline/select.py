@@ -27,7 +27,7 @@ from functools import partial
 import torch
 from torch import nn
 
-from . import capture, chat, judge
+from . import capture, chat, judge, variants
 from .prompts import train_val_split
 from .report import SCORE_NAMES, DirectionResult
 from .scoring import Scorer, Sites
@@ -62,6 +62,11 @@ class SelectionOptions:
     probe_prompts: int = 64  # harmful training prompts answered to find refusal tokens
     probe_tokens: int = 8  # enough to reach the judge's phrases ("As an AI" is 3 tokens)
     seed: int = 42
+    variant: str = variants.DIFFERENCE  # which candidates (see `variants.candidates`)
+
+    def __post_init__(self) -> None:
+        if self.variant not in variants.VARIANTS:
+            raise ValueError(f"variant must be one of {', '.join(variants.VARIANTS)}, got {self.variant!r}")
 
 
 def split(prompts: Sequence[str], n_train: int, n_val: int, seed: int) -> tuple[list[str], list[str]]:
@@ -80,7 +85,22 @@ def answered(logits: torch.Tensor, refusal_tokens: Sequence[int]) -> torch.Tenso
     return judge.refusal_score(logits, refusal_tokens) < 0
 
 
-def candidate_directions(
+@dataclass
+class CandidateMeans:
+    """The fp32 means every candidate direction is built from (see `variants`).
+
+    harmful, harmless: [n_layers, n_positions, d_model] float32 means at each layer's input.
+    positions: the post-instruction positions, as negative indices.
+    kept: {"harmful_train": prompts kept, "harmless_train": prompts kept}.
+    """
+
+    harmful: torch.Tensor
+    harmless: torch.Tensor
+    positions: list[int]
+    kept: dict[str, int]
+
+
+def candidate_means(
     model: nn.Module,
     tokenizer,
     harmful: Sequence[str],
@@ -88,15 +108,11 @@ def candidate_directions(
     sites: Sites,
     batch_size: int,
     refusal_tokens: Sequence[int] | None = None,
-) -> tuple[torch.Tensor, list[int], dict[str, int]]:
-    """r(l, p) = mean harmful - mean harmless activation at layer l's input, position p.
+) -> CandidateMeans:
+    """Mean harmful and mean harmless activation at every layer's input and post-instruction position.
 
     With refusal_tokens, only the harmful prompts the model refuses and the harmless ones it
     answers (by the sign of their refusal score) enter the means.
-
-    Returns:
-        ([n_layers, n_positions, d_model] float32, the positions as negative indices,
-        {"harmful_train": prompts kept, "harmless_train": prompts kept}).
     """
     n_positions = len(chat.post_instruction_ids(tokenizer))
     filters = {"harmful": None, "harmless": None}
@@ -119,7 +135,27 @@ def candidate_directions(
         for kind, prompts in (("harmful", harmful), ("harmless", harmless))
     }
     kept = {f"{kind}_train": len(m.kept) for kind, m in means.items()}
-    return means["harmful"].mean - means["harmless"].mean, list(range(-n_positions, 0)), kept
+    return CandidateMeans(means["harmful"].mean, means["harmless"].mean, list(range(-n_positions, 0)), kept)
+
+
+def candidate_directions(
+    model: nn.Module,
+    tokenizer,
+    harmful: Sequence[str],
+    harmless: Sequence[str],
+    sites: Sites,
+    batch_size: int,
+    refusal_tokens: Sequence[int] | None = None,
+    variant: str = variants.DIFFERENCE,
+) -> tuple[torch.Tensor, list[int], dict[str, int]]:
+    """The candidates r(l, p) of one variant (see `variants.candidates`) from `candidate_means`.
+
+    Returns:
+        ([n_layers, n_positions, d_model] float32, the positions as negative indices,
+        {"harmful_train": prompts kept, "harmless_train": prompts kept}).
+    """
+    means = candidate_means(model, tokenizer, harmful, harmless, sites, batch_size, refusal_tokens)
+    return variants.candidates(means.harmful, means.harmless, variant), means.positions, means.kept
 
 
 def derive_refusal_tokens(model: nn.Module, tokenizer, harmful: Sequence[str], opts: SelectionOptions) -> list[int]:
@@ -154,6 +190,7 @@ def _fit(
             sites,
             opts.batch_size,
             refusal_tokens if opts.filter_prompts else None,
+            opts.variant,
         )
     except ValueError as error:
         raise NoCandidateError(f"{error}; pass filter_prompts=False to fit on every prompt") from error
@@ -201,6 +238,7 @@ def direction_at(
         prompts=kept,
         timings={"capture": time.perf_counter() - started},
         source=source,
+        variant=opts.variant,
     )
 
 
@@ -361,6 +399,7 @@ def find_direction(
         timings=timings,
         forward_passes={"used": scorer.sequences, "exhaustive": exhaustive_sequences},
         source=source,
+        variant=opts.variant,
     )
 
 
