@@ -543,19 +543,9 @@ def search(
         batch_size=opts.batch_size,
     )
     n_val = max(opts.score_prompts, opts.kl_prompts, opts.judge_prompts)
-    if harmful_val is None:
-        harmful, harmful_val = select.split(harmful, opts.n_train, n_val, opts.seed)
-    if harmless_val is None:
-        harmless, harmless_val = select.split(harmless, opts.n_train, n_val, opts.seed)
-    harmful, harmless = list(harmful)[: opts.n_train], list(harmless)[: opts.n_train]
-    for name, prompts in (
-        ("harmful", harmful),
-        ("harmless", harmless),
-        ("harmful_val", harmful_val),
-        ("harmless_val", harmless_val),
-    ):
-        if not prompts:
-            raise ValueError(f"{name} is empty")
+    harmful, harmless, harmful_val, harmless_val = select.prompt_sets(
+        harmful, harmless, harmful_val, harmless_val, n_train=opts.n_train, n_val=n_val, seed=opts.seed
+    )
 
     n_positions = len(chat.post_instruction_ids(tokenizer))
     if opts.position < -n_positions:

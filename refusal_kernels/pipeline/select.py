@@ -75,6 +75,34 @@ def split(prompts: Sequence[str], n_train: int, n_val: int, seed: int) -> tuple[
     return train[:n_train], val
 
 
+def prompt_sets(
+    harmful: Sequence[str],
+    harmless: Sequence[str],
+    harmful_val: Sequence[str] | None,
+    harmless_val: Sequence[str] | None,
+    *,
+    n_train: int,
+    n_val: int,
+    seed: int,
+) -> tuple[list[str], list[str], list[str], list[str]]:
+    """(harmful, harmless, harmful_val, harmless_val): a validation set not given is split off
+    its training set; the training sets are cut to n_train. ValueError names an empty set."""
+    if harmful_val is None:
+        harmful, harmful_val = split(harmful, n_train, n_val, seed)
+    if harmless_val is None:
+        harmless, harmless_val = split(harmless, n_train, n_val, seed)
+    sets = {
+        "harmful": list(harmful)[:n_train],
+        "harmless": list(harmless)[:n_train],
+        "harmful_val": list(harmful_val),
+        "harmless_val": list(harmless_val),
+    }
+    for name, prompts in sets.items():
+        if not prompts:
+            raise ValueError(f"{name} is empty")
+    return sets["harmful"], sets["harmless"], sets["harmful_val"], sets["harmless_val"]
+
+
 def refused(logits: torch.Tensor, refusal_tokens: Sequence[int]) -> torch.Tensor:
     """Which prompts the model refuses, from next-token logits [B, vocab]: refusal score > 0."""
     return judge.refusal_score(logits, refusal_tokens) > 0
@@ -265,19 +293,9 @@ def find_direction(
     """
     opts = SelectionOptions(**options)
     sites = sites or Sites.of(model)
-    if harmful_val is None:
-        harmful, harmful_val = split(harmful, opts.n_train, opts.n_val, opts.seed)
-    if harmless_val is None:
-        harmless, harmless_val = split(harmless, opts.n_train, opts.n_val, opts.seed)
-    harmful, harmless = list(harmful)[: opts.n_train], list(harmless)[: opts.n_train]
-    for name, prompts in (
-        ("harmful", harmful),
-        ("harmless", harmless),
-        ("harmful_val", harmful_val),
-        ("harmless_val", harmless_val),
-    ):
-        if not prompts:
-            raise ValueError(f"{name} is empty")
+    harmful, harmless, harmful_val, harmless_val = prompt_sets(
+        harmful, harmless, harmful_val, harmless_val, n_train=opts.n_train, n_val=opts.n_val, seed=opts.seed
+    )
     timings: dict[str, float] = {}
     clock = time.perf_counter()
 
