@@ -49,7 +49,10 @@ class SelectionOptions:
     max_layer_fraction: float = 0.8  # keep layers < fraction * n_layers
     kl_threshold: float = 0.1  # keep KL <= this
     induce_threshold: float | None = 0.0  # keep induce > this; None turns the filter (and its scoring) off
-    halving_prompts: tuple[int, ...] = (4, 8, 16)  # bypass prompts per halving round
+    # Bypass prompts per halving round. Bypass separates good candidates from bad ones by
+    # several log-odds, so 2 prompts prune the first round safely: on the default model the
+    # pick equals exhaustive scoring's with 4.5x fewer sequences (3.0x with (4, 8, 16)).
+    halving_prompts: tuple[int, ...] = (2, 4, 8)
     keep_fraction: float = 0.25  # fraction kept after each round
     finalists: int = 4  # candidates per chunk scored for KL and induce, best bypass first
     exhaustive: bool = False  # score every candidate on everything (slow; for comparison)
@@ -352,14 +355,14 @@ def find_direction(
             scores[name][layer, p] = value
 
     if opts.exhaustive:
-        ranked = eligible
+        ranked, dropped_for_kl = eligible, 0
         record("bypass", ranked, scorer.bypass(candidates_of(ranked), harmful_val))
         record("kl", ranked, scorer.kl(candidates_of(ranked), harmless_val, base_logits))
         if opts.induce_threshold is not None:
             record("induce", ranked, scorer.induce(candidates_of(ranked), [layer for layer, _ in ranked], harmless_val))
         chunk = len(ranked)
     else:
-        ranked = _successive_halving(
+        ranked, dropped_for_kl = _successive_halving(
             scorer, eligible, candidates_of, harmful_val, harmless_val, base_logits, opts, record
         )
         chunk = opts.finalists
@@ -386,8 +389,8 @@ def find_direction(
             break
     lap("induce")
 
-    filtered["pruned_by_halving"] = len(eligible) - len(ranked)
-    filtered["kl"] = len(ranked) - len(within_kl)
+    filtered["pruned_by_halving"] = len(eligible) - len(ranked) - dropped_for_kl
+    filtered["kl"] = dropped_for_kl + len(ranked) - len(within_kl)
     filtered["induce"] = len(scored) - len(passing) if opts.induce_threshold is not None else 0
     filtered["not_reached"] = len(within_kl) - len(scored)
     # Exhaustive scoring: the same baseline, then every metric for every eligible candidate.
@@ -429,9 +432,11 @@ def _successive_halving(scorer, cells, candidates_of, harmful_val, harmless_val,
     """Prune cells with growing prompt sets: each round scores bypass and KL, drops cells whose
     KL is clearly over the bound, and keeps the best fraction by bypass.
 
-    Returns the last round's cells, scored on the full validation sets, best bypass first.
+    Returns the last round's cells, scored on the full validation sets, best bypass first, and
+    how many cells the early rounds dropped for their KL.
     """
     alive = list(cells)
+    dropped_for_kl = 0
     rounds = [n for n in opts.halving_prompts if n < len(harmful_val)] + [len(harmful_val)]
     for n in rounds:
         m = min(n, len(harmless_val))
@@ -443,5 +448,8 @@ def _successive_halving(scorer, cells, candidates_of, harmful_val, harmless_val,
         final = n == len(harmful_val)
         keep = len(alive) if final else max(2 * opts.finalists, math.ceil(len(alive) * opts.keep_fraction))
         ranked = [alive[i] for i in bypass.argsort().tolist() if final or kl[i] <= EARLY_KL_SLACK * opts.kl_threshold]
+        dropped_for_kl += len(alive) - len(ranked)
         alive = ranked[:keep]
-    return alive
+        if not alive:
+            break
+    return alive, dropped_for_kl
