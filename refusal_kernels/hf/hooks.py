@@ -114,7 +114,7 @@ def _scheduled_hooks(
     if schedule.embeddings and directions:
         # As in weights mode, the embeddings take the first selected layer's direction.
         first_layer = structure.layers[0].layer
-        direction = directions[min(directions)].to(next(first_layer.parameters()).device)
+        direction = directions[min(directions)].to(families.execution_device(first_layer))
         handles.append(_ablate_input(first_layer, direction, schedule.embeddings))
     for index, direction in directions.items():
         layer = structure.layers[index]

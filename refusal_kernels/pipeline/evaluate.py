@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from . import chat, judge
-from .scoring import last_token_logits
+from .scoring import kl_from_base, last_token_logits
 
 
 @dataclass
@@ -57,9 +57,7 @@ def evaluate(
     logits = last_token_logits(model, tokenizer, harmless, batch_size)
     kl = None
     if baseline is not None:
-        log_p = torch.log_softmax(baseline.harmless_logits, dim=-1)
-        log_q = torch.log_softmax(logits, dim=-1)
-        kl = float((log_p.exp() * (log_p - log_q)).sum(-1).mean())
+        kl = float(kl_from_base(torch.log_softmax(baseline.harmless_logits, dim=-1), logits).mean())
     # The base model is scored on its own answers, a modified one on the base model's.
     reference_answers = baseline.harmless_answers if baseline is not None else harmless_answers.texts
     ce = completion_cross_entropy(model, tokenizer, harmless, reference_answers, batch_size)

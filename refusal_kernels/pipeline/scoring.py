@@ -110,6 +110,12 @@ def _next_token_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask
     return out.logits[:, -1, :].float().cpu()
 
 
+def kl_from_base(base_log_probs: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """KL(base || model) per row, from the base model's log-probabilities and the model's logits [..., vocab]."""
+    log_q = torch.log_softmax(logits.float(), dim=-1)
+    return (base_log_probs.exp() * (base_log_probs - log_q)).sum(-1)
+
+
 def last_token_logits(model: nn.Module, tokenizer, instructions: Sequence[str], batch_size: int) -> torch.Tensor:
     """Next-token logits after each rendered instruction: [N, vocab] float32 (CPU), in order."""
     out = None
@@ -195,9 +201,8 @@ class Scorer:
         base_log_probs = torch.log_softmax(base_logits.float(), dim=-1)
 
         def run(row_candidate, row_prompt, input_ids, mask):
-            log_q = torch.log_softmax(self._ablated_logits(candidates, row_candidate, input_ids, mask), dim=-1)
-            log_p = base_log_probs[row_prompt]
-            return (log_p.exp() * (log_p - log_q)).sum(-1)
+            logits = self._ablated_logits(candidates, row_candidate, input_ids, mask)
+            return kl_from_base(base_log_probs[row_prompt], logits)
 
         return self._per_candidate(instructions, len(candidates), run, "kl").mean(1)
 

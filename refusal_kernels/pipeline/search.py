@@ -45,7 +45,7 @@ from .. import hf
 from ..hf.schedule import Peak, Schedule
 from . import chat, judge, select, variants
 from .report import SCORE_NAMES, DirectionResult, atomic_write
-from .scoring import Sites, last_token_logits
+from .scoring import Sites, kl_from_base, last_token_logits
 
 SAMPLERS = ("auto", "optuna", "random")
 PER_LAYER = "per layer"
@@ -461,9 +461,7 @@ class _Evaluator:
         """(mean refusal score on the score set, mean KL(base || model) on the KL set)."""
         logits = self._last_logits()
         score = float(judge.refusal_score(logits[: len(self.score_set)], self.refusal_tokens).mean())
-        log_q = torch.log_softmax(logits[len(self.score_set) :], dim=-1)
-        log_p = self.base_log_probs
-        return score, float((log_p.exp() * (log_p - log_q)).sum(-1).mean())
+        return score, float(kl_from_base(self.base_log_probs, logits[len(self.score_set) :]).mean())
 
     def refusals(self) -> int:
         """How many greedy answers to the judge set the substring judge calls refusals."""
@@ -491,8 +489,8 @@ def _refused_prompts(
     kept: list[str] = []
     for start in range(0, len(prompts), batch_size):
         chunk = list(prompts[start : start + batch_size])
-        scores = judge.refusal_score(last_token_logits(model, tokenizer, chunk, batch_size), refusal_tokens)
-        kept += [p for p, s in zip(chunk, scores.tolist(), strict=True) if s > 0]
+        refused = select.refused(last_token_logits(model, tokenizer, chunk, batch_size), refusal_tokens)
+        kept += [p for p, keep in zip(chunk, refused.tolist(), strict=True) if keep]
         if len(kept) >= wanted:
             return kept[:wanted]
     if not kept:
