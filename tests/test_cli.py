@@ -126,6 +126,23 @@ def test_layer_or_position_out_of_range(model_dir, prompt_files, tmp_path, capsy
     expect_error([*base, "--layer", "1", "--position", "-9"], capsys, "position -9")
 
 
+def test_variant_is_applied_and_recorded(model_dir, prompt_files, tmp_path, capsys):
+    def direction(variant):
+        out = tmp_path / variant
+        argv = ["direction", "--model", str(model_dir), "--out", str(out), *prompt_files, "--variant", variant]
+        assert cli.main([*argv, "--layer", "1", "--position", "-1", "--all-prompts"]) == 0
+        return DirectionResult.load(out)
+
+    difference, projected = direction("difference"), direction("projected")
+    assert (difference.variant, projected.variant) == ("difference", "projected")
+    assert projected.direction.norm().item() == pytest.approx(1.0, abs=1e-5)
+    unit_difference = difference.direction / difference.direction.norm()
+    assert (projected.direction - unit_difference).abs().max() > 1e-3
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["direction", "--model", str(model_dir), "--out", str(tmp_path / "o"), "--variant", "best"])
+    assert exited.value.code == 2 and "--variant" in capsys.readouterr().err
+
+
 def test_unknown_dtype_or_device(model_dir, prompt_files, tmp_path, capsys):
     base = ["abliterate", "--model", str(model_dir), "--out", str(tmp_path / "o"), *prompt_files]
     expect_error([*base, "--dtype", "float8"], capsys, "--dtype")
