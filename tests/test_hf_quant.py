@@ -1,10 +1,11 @@
 """orthogonalize_model_ and patch on tiny models whose o_proj/down_proj hold quantized weights.
 
 bitsandbytes (LLM.int8, NF4, double-quantized NF4, on its CPU backend) and torchao (int8
-weight-only) layers are built by the libraries themselves. GPTQ, AWQ and fp8 have no CPU
-library, so their modules are built here with the project's packers (refusal_kernels.quant),
-which follow the published layouts; their forward reads the packed tensors with the
-transcriptions of AutoGPTQ's and AutoAWQ's dequantization in test_quant_libraries.py.
+weight-only) layers are built by the libraries themselves. GPTQ (v1, and GPTQModel's v2 zeros),
+AWQ and fp8 have no CPU library, so their modules are built here with the project's packers
+(refusal_kernels.quant), which follow the published layouts; their forward reads the packed
+tensors with the transcriptions of AutoGPTQ's and AutoAWQ's dequantization in
+test_quant_libraries.py.
 
 The yardstick for the in-place edit is the format's own quantization error: the quantized
 model's logits differ from the fp32 model's by some amount q. The in-place result is compared
@@ -64,13 +65,28 @@ class GPTQLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features, self.bits = linear.in_features, linear.out_features, 4
         g_idx = (torch.arange(linear.in_features) // GROUP).int()
-        for name, t in zip(
-            ("qweight", "qzeros", "scales", "g_idx"), (*gptq.quantize(linear.weight, GROUP, g_idx), g_idx), strict=True
-        ):
+        quantized = gptq.quantize(linear.weight, GROUP, g_idx, zeros_format=self.zeros_format())
+        for name, t in zip(("qweight", "qzeros", "scales", "g_idx"), (*quantized, g_idx), strict=True):
             self.register_buffer(name, t)
 
+    @staticmethod
+    def zeros_format() -> str:
+        return "v1"
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x @ autogptq_dequantize(self.qweight, self.qzeros, self.scales, self.g_idx)
+        zero_offset = 1 if self.zeros_format() == "v1" else 0
+        return x @ autogptq_dequantize(self.qweight, self.qzeros, self.scales, self.g_idx, zero_offset=zero_offset)
+
+
+class GPTQModelV2Linear(GPTQLinear):
+    """A GPTQModel QuantLinear holding v2 qzeros (the zero itself), as its qzero_format() says."""
+
+    @staticmethod
+    def zeros_format() -> str:
+        return "v2"
+
+    def qzero_format(self) -> int:
+        return 2
 
 
 class AWQLinear(nn.Module):
@@ -154,6 +170,7 @@ CASES = {
     "bitsandbytes-nf4-double-quant": Case("bitsandbytes-nf4", _bitsandbytes_nf4(True), _bitsandbytes_nf4_half_step),
     "torchao-int8": Case("torchao-int8", _torchao_int8, _torchao_int8_half_step),
     "gptq": Case("gptq", GPTQLinear, lambda m: int4_half_step(m.scales, m.g_idx.long())),
+    "gptq-v2": Case("gptq", GPTQModelV2Linear, lambda m: int4_half_step(m.scales, m.g_idx.long())),
     "awq": Case("awq", AWQLinear, lambda m: int4_half_step(m.scales, torch.arange(m.in_features) // GROUP)),
     "fp8-row": Case(
         "fp8",

@@ -107,11 +107,15 @@ def test_torchao_int8_weight_only():
     torch.testing.assert_close(model(x), x @ library_w.T, rtol=1e-4, atol=1e-4)
 
 
-def autogptq_dequantize(qweight, qzeros, scales, g_idx, bits=4):
-    """AutoGPTQ's unpacking (qlinear_cuda_old), transcribed: returns W^T [in, out]."""
+def autogptq_dequantize(qweight, qzeros, scales, g_idx, bits=4, zero_offset=1):
+    """AutoGPTQ's unpacking (qlinear_cuda_old), transcribed: returns W^T [in, out].
+
+    zero_offset=1 reads v1 qzeros (AutoGPTQ adds 1); GPTQModel's TorchQuantLinear reads its
+    v2 qzeros the same way without the + 1 (zero_offset=0).
+    """
     wf = torch.tensor(list(range(0, 32, bits)), dtype=torch.int32).unsqueeze(0)
     zeros = torch.bitwise_right_shift(torch.unsqueeze(qzeros, 2).expand(-1, -1, 32 // bits), wf.unsqueeze(0))
-    zeros = torch.bitwise_and(zeros.to(torch.int16), (2**bits) - 1) + 1
+    zeros = torch.bitwise_and(zeros.to(torch.int16), (2**bits) - 1) + zero_offset
     zeros = zeros.reshape(zeros.shape[0], -1)
     weight = torch.bitwise_right_shift(torch.unsqueeze(qweight, 1).expand(-1, 32 // bits, -1), wf.unsqueeze(-1))
     weight = torch.bitwise_and(weight.to(torch.int16), (2**bits) - 1)
@@ -135,22 +139,18 @@ def autoawq_dequantize(qweight, qzeros, scales, group_size, bits=4):
     return (iweights - izeros).float() * scales
 
 
-def test_gptq_layout_matches_autogptq():
+@pytest.mark.parametrize("zeros_format, zero_offset", [("v1", 1), ("v2", 0)])
+def test_gptq_layout_matches_autogptq_and_gptqmodel(zeros_format, zero_offset):
     g_idx = (torch.arange(IN) * 5 % IN // GROUP).int()
-    qweight, qzeros, scales = gptq.quantize(weight_with_component(D), GROUP, g_idx)
-    torch.testing.assert_close(
-        gptq.dequantize(qweight, qzeros, scales, g_idx, GROUP).T,
-        autogptq_dequantize(qweight, qzeros, scales, g_idx),
-        rtol=0,
-        atol=0,
-    )
-    gptq.orthogonalize_(qweight, qzeros, scales, g_idx, D, GROUP)
-    torch.testing.assert_close(
-        gptq.dequantize(qweight, qzeros, scales, g_idx, GROUP).T,
-        autogptq_dequantize(qweight, qzeros, scales, g_idx),
-        rtol=0,
-        atol=0,
-    )
+    qweight, qzeros, scales = gptq.quantize(weight_with_component(D), GROUP, g_idx, zeros_format=zeros_format)
+    for _ in range(2):  # as quantized, then orthogonalized
+        torch.testing.assert_close(
+            gptq.dequantize(qweight, qzeros, scales, g_idx, GROUP, zeros_format).T,
+            autogptq_dequantize(qweight, qzeros, scales, g_idx, zero_offset=zero_offset),
+            rtol=0,
+            atol=0,
+        )
+        gptq.orthogonalize_(qweight, qzeros, scales, g_idx, D, GROUP, zeros_format=zeros_format)
 
 
 def test_awq_layout_matches_autoawq():
@@ -175,6 +175,17 @@ class QuantLinear(torch.nn.Module):
 
 class WQLinear_GEMM(QuantLinear):
     pass
+
+
+class GPTQModelQuantLinear(QuantLinear):
+    """Stands in for GPTQModel's BaseQuantLinear, which records its qzeros format (1 or 2)."""
+
+    def __init__(self, *tensors, qzeros_format: int):
+        super().__init__(*tensors)
+        self._qzeros_format = qzeros_format
+
+    def qzero_format(self) -> int:
+        return self._qzeros_format
 
 
 class FP8Linear(torch.nn.Module):
@@ -216,6 +227,55 @@ def test_recognizes_gptq_awq_fp8_and_mappings():
         lambda m: fp8.orthogonalize_(m.weight.data, m.weight_scale_inv.data, D),
         lambda m: (m.weight.data, m.weight_scale_inv.data),
     )
+
+
+def _gptq_mapping(tensors, checkpoint_format: str) -> dict:
+    """qweight, qzeros and scales with GPTQModel's QuantizeConfig spelling of the format."""
+    return {**dict(zip(("qweight", "qzeros", "scales"), tensors, strict=True)), "checkpoint_format": checkpoint_format}
+
+
+@pytest.mark.parametrize(
+    "build, zeros_format",
+    [
+        (lambda q, g_idx: GPTQModelQuantLinear(*q, g_idx, qzeros_format=2), "v2"),
+        (lambda q, g_idx: GPTQModelQuantLinear(*q, g_idx, qzeros_format=1), "v1"),
+        (lambda q, g_idx: _gptq_mapping(q, "gptq_v2"), "v2"),
+        (lambda q, g_idx: _gptq_mapping(q, "gptq"), "v1"),
+    ],
+    ids=["qzero_format 2", "qzero_format 1", "checkpoint_format gptq_v2", "checkpoint_format gptq"],
+)
+def test_recognizes_gptq_zeros_format(build, zeros_format):
+    w = weight_with_component(D)
+    g_idx = (torch.arange(IN) // GROUP).int()
+
+    def tensors(m):
+        return tuple(m[k] if isinstance(m, dict) else getattr(m, k) for k in ("qweight", "qzeros", "scales"))
+
+    _same_as_direct(
+        lambda: build(gptq.quantize(w, GROUP, g_idx, zeros_format=zeros_format), g_idx),
+        lambda m: gptq.orthogonalize_(*tensors(m), None, D, GROUP, zeros_format=zeros_format),
+        tensors,
+    )
+
+
+@pytest.mark.parametrize(
+    "module, named",
+    [
+        (lambda q: GPTQModelQuantLinear(*q, None, qzeros_format=3), "qzero_format"),
+        (
+            lambda q: _gptq_mapping(q, "gptq_v3"),
+            "checkpoint_format",
+        ),
+    ],
+    ids=["qzero_format 3", "checkpoint_format gptq_v3"],
+)
+def test_unknown_gptq_zeros_format_raises_and_leaves_storage(module, named):
+    target = module(gptq.quantize(weight_with_component(D), GROUP))
+    stored = dict(target) if isinstance(target, dict) else dict(target.named_buffers())
+    before = {name: t.clone() for name, t in stored.items() if isinstance(t, torch.Tensor)}
+    with pytest.raises(ValueError, match=named):
+        orthogonalize_quantized_(target, D)
+    assert all(torch.equal(stored[name], t) for name, t in before.items())
 
 
 def test_unrecognized_module_raises_type_error():

@@ -21,6 +21,8 @@ TRITON_OPS = {
     "int8 bitsandbytes": lambda s, d: triton_quant.orthogonalize_int8_(*s, d, 1.0, True),
     "gptq": lambda s, d: triton_quant.orthogonalize_gptq_(*s[:3], s[3], d, GROUP),
     "gptq act-order": lambda s, d: triton_quant.orthogonalize_gptq_(*s[:3], s[3], d, GROUP),
+    "gptq v2": lambda s, d: triton_quant.orthogonalize_gptq_(*s[:3], s[3], d, GROUP, 1.0, "v2"),
+    "gptq v2 act-order": lambda s, d: triton_quant.orthogonalize_gptq_(*s[:3], s[3], d, GROUP, 1.0, "v2"),
     "fp8 tensor": lambda s, d: triton_quant.orthogonalize_fp8_(*s, d),
     "fp8 row": lambda s, d: triton_quant.orthogonalize_fp8_(*s, d),
     "fp8 block": lambda s, d: triton_quant.orthogonalize_fp8_(*s, d),
@@ -47,4 +49,7 @@ def test_triton_checks_metadata_before_writing():
     before = clone_state(state)
     with pytest.raises(ValueError, match="group_size"):
         triton_quant.orthogonalize_gptq_(*state[:3], None, torch.randn(OUT), 36)
+    assert all(torch.equal(a, b) for a, b in zip(tensors(state), tensors(before), strict=True))
+    with pytest.raises(ValueError, match="zeros_format"):
+        triton_quant.orthogonalize_gptq_(*state[:3], None, torch.randn(OUT), GROUP, 1.0, "v3")
     assert all(torch.equal(a, b) for a, b in zip(tensors(state), tensors(before), strict=True))

@@ -156,6 +156,29 @@ def _int4_format(target, qweight: torch.Tensor, out: int) -> str:
     return fitting[0]
 
 
+def _gptq_zeros_format(target) -> str:
+    """How a GPTQ module's qzeros store the zero points: "v1" (minus 1, the default) or "v2" (as is).
+
+    GPTQModel records it on each module as `qzero_format()` (1 or 2; its kernels that need v2
+    convert v1 checkpoints when they load them) and on its QuantizeConfig as
+    `checkpoint_format` ("gptq" or "gptq_v2"); AutoGPTQ modules record nothing and are v1.
+    """
+    qzero_format = _attr(target, "qzero_format")
+    if callable(qzero_format):
+        version = qzero_format()
+        if version not in (1, 2):
+            raise ValueError(f"qzero_format() is {version!r}: expected 1 (GPTQ v1) or 2 (GPTQ v2)")
+        return f"v{version}"
+    checkpoint_format = _attr(target, "checkpoint_format")
+    if checkpoint_format is None:
+        return "v1"
+    formats = {"gptq": "v1", "gptq_v2": "v2"}
+    name = _attr(checkpoint_format, "value") or checkpoint_format  # GPTQModel's FORMAT enum, or its string
+    if name not in formats:
+        raise ValueError(f"checkpoint_format is {checkpoint_format!r}: expected 'gptq' (v1) or 'gptq_v2'")
+    return formats[name]
+
+
 def _gptq_or_awq(target, out_features: int | None) -> QuantizedWeight:
     qweight, qzeros, scales = target.qweight, target.qzeros, target.scales
     if qweight.dim() != 2 or scales.dim() != 2:
@@ -186,8 +209,9 @@ def _gptq_or_awq(target, out_features: int | None) -> QuantizedWeight:
         run = partial(awq.orthogonalize_, qweight, qzeros, scales, group_size=group_size)
     else:
         g_idx = _attr(target, "g_idx")
-        check = partial(gptq.check, qweight, qzeros, scales, g_idx, group_size=group_size)
-        run = partial(gptq.orthogonalize_, qweight, qzeros, scales, g_idx, group_size=group_size)
+        layout = {"group_size": group_size, "zeros_format": _gptq_zeros_format(target)}
+        check = partial(gptq.check, qweight, qzeros, scales, g_idx, **layout)
+        run = partial(gptq.orthogonalize_, qweight, qzeros, scales, g_idx, **layout)
     return QuantizedWeight(fmt, "qweight", (out, in_features), (qweight, qzeros, scales), check, run)
 
 
