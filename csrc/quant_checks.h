@@ -123,11 +123,11 @@ inline std::pair<int64_t, int64_t> fp8_block_shape(const at::Tensor& weight, con
   const int64_t out = weight.size(0);
   const int64_t in = weight.size(1);
   const auto shape = weight_scale.sizes();
-  if (weight_scale.numel() == 1 && weight_scale.dim() <= 1) return {out, in};
+  if (weight_scale.numel() == 1) return {out, in};
   if (shape == at::IntArrayRef{out} || shape == at::IntArrayRef({out, 1})) return {1, in};
   if (shape == at::IntArrayRef({ceil_div(out, kFp8Block), ceil_div(in, kFp8Block)})) return {kFp8Block, kFp8Block};
   TORCH_CHECK_VALUE(false, "weight_scale shape ", shape, " matches no granularity of weight ", weight.sizes(),
-                    ": expected () or (1,) per tensor, (", out, ",) or (", out, ", 1) per row, or (",
+                    ": expected one element per tensor, (", out, ",) or (", out, ", 1) per row, or (",
                     ceil_div(out, kFp8Block), ", ", ceil_div(in, kFp8Block), ") per ", kFp8Block, "x", kFp8Block,
                     " block");
   return {};

@@ -1,10 +1,10 @@
 """orthogonalize_model_ and patch on tiny models whose o_proj/down_proj hold quantized weights.
 
-bitsandbytes (LLM.int8, NF4, double-quantized NF4, on its CPU backend) and torchao (int8
-weight-only) layers are built by the libraries themselves. GPTQ (v1, and GPTQModel's v2 zeros),
-AWQ and fp8 have no CPU library, so their modules are built here with the project's packers
-(refusal_kernels.quant), which follow the published layouts; their forward reads the packed
-tensors with the transcriptions of AutoGPTQ's and AutoAWQ's dequantization in
+bitsandbytes (LLM.int8, NF4, double-quantized NF4, on its CPU backend) and torchao (int8 and
+float8 weight-only) layers are built by the libraries themselves. GPTQ (v1, and GPTQModel's
+v2 zeros), AWQ and fp8 have no CPU library, so their modules are built here with the
+project's packers (refusal_kernels.quant), which follow the published layouts; their forward
+reads the packed tensors with the transcriptions of AutoGPTQ's and AutoAWQ's dequantization in
 test_quant_libraries.py.
 
 The yardstick for the in-place edit is the format's own quantization error: the quantized
@@ -36,7 +36,12 @@ import torch
 from quant_cases import fp8_half_step, int4_half_step, nf4_half_step
 from test_hf_families import tiny_direction, tiny_model
 from test_hf_patch import _forward, _max_relative_projection, _relative_difference, _residual_states
-from test_quant_libraries import autoawq_dequantize, autogptq_dequantize
+from test_quant_libraries import (
+    autoawq_dequantize,
+    autogptq_dequantize,
+    torchao_float8_half_step,
+    torchao_float8_layer,
+)
 from torch import nn
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
@@ -142,6 +147,14 @@ def _torchao_int8(linear: nn.Linear) -> nn.Module:
     return linear
 
 
+def _torchao_float8(granularity: str):
+    def build(linear: nn.Linear) -> nn.Module:
+        _import_or_skip("torchao")
+        return torchao_float8_layer(granularity, linear.weight.detach())
+
+    return build
+
+
 def _bitsandbytes_int8_half_step(layer: nn.Module) -> torch.Tensor:
     scb = layer.weight.SCB if layer.weight.SCB is not None else layer.state.SCB
     return int8.dequantize(torch.ones(layer.out_features, layer.in_features), scb, absmax_scale=True) / 2
@@ -169,6 +182,8 @@ CASES = {
     "bitsandbytes-nf4": Case("bitsandbytes-nf4", _bitsandbytes_nf4(False), _bitsandbytes_nf4_half_step),
     "bitsandbytes-nf4-double-quant": Case("bitsandbytes-nf4", _bitsandbytes_nf4(True), _bitsandbytes_nf4_half_step),
     "torchao-int8": Case("torchao-int8", _torchao_int8, _torchao_int8_half_step),
+    "torchao-fp8-row": Case("torchao-fp8", _torchao_float8("row"), lambda m: torchao_float8_half_step(m.weight)),
+    "torchao-fp8-tensor": Case("torchao-fp8", _torchao_float8("tensor"), lambda m: torchao_float8_half_step(m.weight)),
     "gptq": Case("gptq", GPTQLinear, lambda m: int4_half_step(m.scales, m.g_idx.long())),
     "gptq-v2": Case("gptq", GPTQModelV2Linear, lambda m: int4_half_step(m.scales, m.g_idx.long())),
     "awq": Case("awq", AWQLinear, lambda m: int4_half_step(m.scales, torch.arange(m.in_features) // GROUP)),

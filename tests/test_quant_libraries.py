@@ -1,8 +1,8 @@
 """Quantized orthogonalize on the layouts of real quantization libraries.
 
-bitsandbytes (NF4, double-quantized NF4, LLM.int8) and torchao (int8 weight-only) run when
-installed: the layers are built by the library, and the result is read back with the
-library's own dequantize and forward. (The NF4 layer has in_features = 128: bitsandbytes'
+bitsandbytes (NF4, double-quantized NF4, LLM.int8) and torchao (int8 weight-only, float8
+per tensor, per row and per 128x128 block) run when installed: the layers are built by the
+library, and the result is read back with the library's own dequantize and forward. (The NF4 layer has in_features = 128: bitsandbytes'
 native CPU dequantize disagrees with its own generic implementation, which we follow, when
 blocks of 64 straddle rows.) GPTQ and AWQ have no CPU-installable library, so
 their layouts are checked against transcriptions of the published dequantization code
@@ -15,8 +15,9 @@ import warnings
 
 import pytest
 import torch
-from quant_cases import GROUP, IN, OUT, nf4_half_step, weight_with_component
+from quant_cases import GROUP, IN, OUT, fp8_half_step, nf4_half_step, weight_with_component
 
+from refusal_kernels import reference
 from refusal_kernels.quant import awq, fp8, gptq, int8, nf4, orthogonalize_quantized_
 
 D = torch.randn(OUT, generator=torch.Generator().manual_seed(1))
@@ -105,6 +106,88 @@ def test_torchao_int8_weight_only():
     assert_residual_within(library_w, int8.dequantize(torch.ones(OUT, IN), weight.scale) / 2)
     x = torch.randn(4, IN)
     torch.testing.assert_close(model(x), x @ library_w.T, rtol=1e-4, atol=1e-4)
+
+
+def _torchao_float8_granularity(name: str):
+    from torchao.quantization import PerRow, PerTensor
+    from torchao.quantization.granularity import PerBlock
+
+    return {"tensor": PerTensor(), "row": PerRow(), "block": PerBlock([128, 128])}[name]
+
+
+def torchao_float8_layer(granularity: str, weight: torch.Tensor) -> torch.nn.Linear:
+    """An nn.Linear whose weight torchao quantized to a Float8Tensor of this granularity, on the CPU.
+
+    torchao's quantize_ builds per-tensor and per-row weights here (Float8WeightOnlyConfig);
+    its 128x128 blocks are only reachable through Float8DynamicActivationFloat8WeightConfig,
+    which refuses a CPU, so that one is built with torchao's own Float8Tensor.from_hp.
+    """
+    from torchao.quantization import Float8Tensor, Float8WeightOnlyConfig, quantize_
+
+    layer = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+    if granularity == "block":
+        quantized = Float8Tensor.from_hp(weight, granularity=_torchao_float8_granularity(granularity))
+        layer.weight = torch.nn.Parameter(quantized, requires_grad=False)
+    else:
+        quantize_(layer, Float8WeightOnlyConfig(granularity=_torchao_float8_granularity(granularity)))
+    return layer
+
+
+def torchao_float8_half_step(weight) -> torch.Tensor:
+    return fp8_half_step((weight.qdata, weight.scale))
+
+
+@pytest.mark.parametrize("granularity, shape", [("tensor", (OUT, IN)), ("row", (OUT, IN)), ("block", (256, 384))])
+def test_torchao_float8(granularity, shape):
+    import_or_skip("torchao")
+    from torchao.quantization import Float8Tensor
+
+    direction = torch.randn(shape[0], generator=torch.Generator().manual_seed(2))
+    unit = direction / direction.norm()
+    generator = torch.Generator().manual_seed(3)
+    dense = torch.randn(shape, generator=generator) + 30 * unit[:, None] * torch.randn(shape[1], generator=generator)
+    layer = torchao_float8_layer(granularity, dense)
+    weight = layer.weight
+    assert isinstance(weight, Float8Tensor) and weight.qdata.dtype == torch.float8_e4m3fn
+    expected_scale_shape = {"tensor": (1, 1), "row": (shape[0], 1), "block": (shape[0] // 128, shape[1] // 128)}
+    assert tuple(weight.scale.shape) == expected_scale_shape[granularity]
+    before = weight.dequantize().float()
+    # torchao's scale multiplies, W = qdata * scale, as the fp8 layout's weight_scale does.
+    torch.testing.assert_close(before, fp8.dequantize(weight.qdata, weight.scale), rtol=0, atol=0)
+    # The reference: orthogonalize in fp32, then quantize with torchao's own quantizer.
+    orthogonal = Float8Tensor.from_hp(
+        reference.orthogonalize(before, direction), granularity=_torchao_float8_granularity(granularity)
+    )
+
+    orthogonalize_quantized_(layer, direction)
+    assert layer.weight is weight
+    library_w = weight.dequantize().float()
+    half_step = torchao_float8_half_step(weight)
+    assert ((unit @ library_w).abs() <= unit.abs() @ half_step * 1.001 + 1e-5).all()
+    assert (unit.abs() @ half_step).norm() < 0.25 * (unit @ before).norm()
+    # As test_kernel_matches_reference: one step at most (fp32 summation order), and rarely.
+    step = 2 * torch.maximum(half_step, torchao_float8_half_step(orthogonal))
+    gap = (library_w - orthogonal.dequantize().float()).abs()
+    assert (gap <= step * 1.001 + 1e-6).all()
+    assert (gap > 0.01 * step).float().mean() < 0.01
+    x = torch.randn(4, shape[1])
+    torch.testing.assert_close(layer(x), x @ library_w.T, rtol=1e-4, atol=1e-4)
+
+
+def test_torchao_float8_per_group_scales_raise_and_leave_storage():
+    """torchao's PerGroup(128) (one scale per 1 x 128) is a granularity the fp8 op has no kernel for."""
+    import_or_skip("torchao")
+    from torchao.quantization import Float8WeightOnlyConfig, PerGroup, quantize_
+
+    layer = torch.nn.Linear(256, OUT, bias=False)
+    quantize_(layer, Float8WeightOnlyConfig(granularity=PerGroup(128)))
+    qdata, scale = layer.weight.qdata.clone(), layer.weight.scale.clone()
+    with pytest.raises(ValueError, match="weight_scale"):
+        orthogonalize_quantized_(layer, D)
+    assert torch.equal(layer.weight.qdata.view(torch.uint8), qdata.view(torch.uint8))
+    assert torch.equal(layer.weight.scale, scale)
 
 
 def autogptq_dequantize(qweight, qzeros, scales, g_idx, bits=4, zero_offset=1):

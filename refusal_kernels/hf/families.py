@@ -10,8 +10,8 @@ read by its shape:
     projection in its subtree (dense MLP, MoE experts as a module list or as a fused 3-D
     parameter, shared experts);
   * a projection is an nn.Linear, a GPT-2 Conv1D, or a module holding a quantized weight that
-    `refusal_kernels.quant.find_quantized_weight` recognizes (bitsandbytes, torchao int8,
-    GPTQ, AWQ, fp8); its bias, if any, is a dense writer;
+    `refusal_kernels.quant.find_quantized_weight` recognizes (bitsandbytes, torchao int8 and
+    float8, GPTQ, AWQ, fp8); its bias, if any, is a dense writer;
   * a layer with both a pre- and a post-feedforward norm ("sandwich" norms, Gemma 2/3) applies
     `post_attention_layernorm` to the attention output and `post_feedforward_layernorm` to the
     MLP output before adding them to the residual. Without the pre-feedforward norm,

@@ -41,8 +41,8 @@ _INT4_FORMATS = ("gptq", "awq")
 class QuantizedWeight:
     """A quantized [out, in] weight found by `find_quantized_weight`, ready to be orthogonalized.
 
-    format: "torchao-int8", "bitsandbytes-int8", "bitsandbytes-nf4" (or "-fp4"), "gptq",
-        "awq" or "fp8".
+    format: "torchao-int8", "torchao-fp8", "bitsandbytes-int8", "bitsandbytes-nf4" (or "-fp4"),
+        "gptq", "awq" or "fp8".
     tensor_name: the attribute that holds the main stored tensor ("weight" or "qweight").
     shape: (out, in) of the dequantized weight.
     storage: every tensor the edit writes, so that a caller can copy them first.
@@ -74,18 +74,27 @@ def _declared(target, *names: str) -> int | None:
     return next((int(v) for name in names if isinstance(v := _attr(target, name), int)), None)
 
 
-def _torchao_int8(weight) -> QuantizedWeight:
-    qdata, row_scale = weight.qdata, weight.scale
-    if qdata.dtype != torch.int8:
-        raise TypeError(f"only int8 torchao tensors are supported, got qdata of dtype {qdata.dtype}")
-    return QuantizedWeight(
-        "torchao-int8",
-        "weight",
-        tuple(qdata.shape),
-        (qdata, row_scale),
-        partial(check_int8, qdata, row_scale),
-        partial(int8.orthogonalize_, qdata, row_scale),
-    )
+def _torchao(qdata: torch.Tensor, scale: torch.Tensor, tensor_name: str = "weight") -> QuantizedWeight:
+    """A torchao Int8Tensor or Float8Tensor's (qdata, scale): W = qdata * scale, one scale per block of qdata."""
+    if qdata.dtype == torch.int8:
+        return QuantizedWeight(
+            "torchao-int8",
+            tensor_name,
+            tuple(qdata.shape),
+            (qdata, scale),
+            partial(check_int8, qdata, scale),
+            partial(int8.orthogonalize_, qdata, scale),
+        )
+    if qdata.dtype == torch.float8_e4m3fn:
+        return QuantizedWeight(
+            "torchao-fp8",
+            tensor_name,
+            tuple(qdata.shape),
+            (qdata, scale),
+            partial(check_fp8, qdata, scale),
+            partial(fp8.orthogonalize_, qdata, scale),
+        )
+    raise TypeError(f"only int8 and float8_e4m3fn torchao tensors are supported, got qdata of dtype {qdata.dtype}")
 
 
 def _bitsandbytes_int8(module) -> QuantizedWeight | None:
@@ -234,7 +243,9 @@ def find_quantized_weight(module_or_tensors, out_features: int | None = None) ->
     """The quantized weight held by a module, mapping or tensor; None when it holds none.
 
     Recognized by attributes, so that the quantization libraries need not be installed here:
-      * a torchao int8 tensor (qdata int8 [N, K], scale [N, 1]), or a module whose weight is one
+      * a torchao Int8Tensor (qdata int8 [N, K], scale [N, 1]) or Float8Tensor (qdata
+        float8_e4m3fn, scale [1, 1], [N, 1] or [N / 128, K / 128]; W = qdata * scale), or a
+        module whose weight is one
       * bitsandbytes Linear8bitLt (weight.CB / weight.SCB, or state.CB / state.SCB)
       * bitsandbytes Linear4bit (weight.quant_state; NF4 or FP4, nested or not)
       * a module or mapping with qweight, qzeros, scales (and optional g_idx): GPTQ or AWQ,
@@ -252,7 +263,7 @@ def find_quantized_weight(module_or_tensors, out_features: int | None = None) ->
     weight = target if isinstance(target, torch.Tensor) else _attr(target, "weight")
 
     if isinstance(_attr(weight, "qdata"), torch.Tensor) and isinstance(_attr(weight, "scale"), torch.Tensor):
-        return _torchao_int8(weight)
+        return _torchao(weight.qdata, weight.scale)
     found = _bitsandbytes_int8(target) or _bitsandbytes_4bit(target)
     if found is not None:
         return found
@@ -282,8 +293,8 @@ def orthogonalize_quantized_(module_or_tensors, direction: torch.Tensor, scale: 
     if quantized is None:
         raise TypeError(
             f"{type(module_or_tensors).__name__} is not a recognized quantized weight: expected bitsandbytes "
-            "Linear8bitLt/Linear4bit, GPTQ/AWQ qweight/qzeros/scales, a torchao int8 tensor, or an fp8 weight "
-            "with weight_scale(_inv)"
+            "Linear8bitLt/Linear4bit, GPTQ/AWQ qweight/qzeros/scales, a torchao int8 or float8 tensor, or an fp8 "
+            "weight with weight_scale(_inv)"
         )
     quantized.orthogonalize_(direction, scale)
     return module_or_tensors

@@ -146,14 +146,14 @@ def fp8_block_shape(weight: torch.Tensor, weight_scale: torch.Tensor) -> tuple[i
     """(rows, cols) of the block that shares one scale, from weight_scale's shape."""
     out_features, in_features = weight.shape
     shape = tuple(weight_scale.shape)
-    if weight_scale.numel() == 1 and weight_scale.dim() <= 1:
+    if weight_scale.numel() == 1:
         return out_features, in_features
     if shape in ((out_features,), (out_features, 1)):
         return 1, in_features
     if shape == (-(-out_features // FP8_BLOCK), -(-in_features // FP8_BLOCK)):
         return FP8_BLOCK, FP8_BLOCK
     raise ValueError(
-        f"weight_scale shape {shape} matches no granularity of weight {tuple(weight.shape)}: expected () or (1,) "
+        f"weight_scale shape {shape} matches no granularity of weight {tuple(weight.shape)}: expected one element "
         f"per tensor, ({out_features},) or ({out_features}, 1) per row, or "
         f"({-(-out_features // FP8_BLOCK)}, {-(-in_features // FP8_BLOCK)}) per {FP8_BLOCK}x{FP8_BLOCK} block"
     )
