@@ -11,14 +11,26 @@ their layouts are checked against transcriptions of the published dequantization
 
 from __future__ import annotations
 
+import re
 import warnings
+from types import SimpleNamespace
 
 import pytest
 import torch
 from quant_cases import GROUP, IN, OUT, fp8_half_step, nf4_half_step, weight_with_component
+from torch import nn
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from refusal_kernels import reference
-from refusal_kernels.quant import awq, fp8, gptq, int8, nf4, orthogonalize_quantized_
+from refusal_kernels.quant import (
+    awq,
+    find_quantized_experts,
+    fp8,
+    gptq,
+    int8,
+    nf4,
+    orthogonalize_quantized_,
+)
 
 D = torch.randn(OUT, generator=torch.Generator().manual_seed(1))
 UNIT = D / D.norm()
@@ -188,6 +200,175 @@ def test_torchao_float8_per_group_scales_raise_and_leave_storage():
         orthogonalize_quantized_(layer, D)
     assert torch.equal(layer.weight.qdata.view(torch.uint8), qdata.view(torch.uint8))
     assert torch.equal(layer.weight.scale, scale)
+
+
+def _fp8_experts_class():
+    from transformers.integrations.finegrained_fp8 import FP8Experts, _dequantize_fp8_weight
+
+    class CPUFP8Experts(FP8Experts):
+        """transformers' FP8Experts, whose fused fp8 matmul is a GPU Triton kernel: here its fp8
+        weights are read with transformers' own _dequantize_fp8_weight instead."""
+
+        def linear(self, input, weight, weight_scale_inv, activation_scale=None):
+            if weight.element_size() > 1:
+                return nn.functional.linear(input, weight)
+            return nn.functional.linear(
+                input, _dequantize_fp8_weight(weight, weight_scale_inv, self.block_size, input.dtype)
+            )
+
+    return CPUFP8Experts
+
+
+def transformers_fp8_experts(experts: nn.Module, config, block_size: tuple[int, int] | None = None) -> nn.Module:
+    """FP8Experts holding `experts`' down_proj as transformers' FineGrainedFP8 quantizer stores it
+    (Fp8Quantize: fp8 [E, out, in], down_proj_scale_inv [E, ceil(out / b0), ceil(in / b1)], or
+    [E, 1, 1] without blocks); gate_up_proj stays dense, which FP8Experts.linear multiplies as is."""
+    from transformers import FineGrainedFP8Config
+    from transformers.integrations.finegrained_fp8 import Fp8Quantize
+
+    quantizer = SimpleNamespace(quantization_config=FineGrainedFP8Config(weight_block_size=block_size))
+    stored = Fp8Quantize(quantizer)._quantize_one("down_proj", experts.down_proj.detach())
+    module = _fp8_experts_class()(config, block_size=block_size)
+    module.gate_up_proj = nn.Parameter(experts.gate_up_proj.detach().clone(), requires_grad=False)
+    module.down_proj.data.copy_(stored["down_proj"])
+    module.down_proj_scale_inv.data.copy_(stored["down_proj_scale_inv"])
+    return module
+
+
+class Experts(torch.nn.Module):
+    """Fused experts as transformers stores them: down_proj [E, out, in]."""
+
+    def __init__(self, down_proj: torch.Tensor):
+        super().__init__()
+        self.down_proj = torch.nn.Parameter(down_proj, requires_grad=False)
+
+
+def stored_bytes(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer as raw bytes; a tensor subclass (torchao) by its inner tensors."""
+    state = {}
+    for name, t in {**dict(model.named_parameters()), **dict(model.named_buffers())}.items():
+        inner = (
+            {f"{name}.{n}": getattr(t, n) for n in t.__tensor_flatten__()[0]}
+            if is_traceable_wrapper_subclass(t)
+            else {name: t}
+        )
+        state.update({k: v.detach().clone().reshape(-1).view(torch.uint8) for k, v in inner.items()})
+    return state
+
+
+def _experts_weight(count: int, out_features: int, in_features: int, direction: torch.Tensor) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(4)
+    unit = direction / direction.norm()
+    noise = torch.randn(count, out_features, in_features, generator=generator)
+    return noise + 30 * unit[:, None] * torch.randn(count, 1, in_features, generator=generator)
+
+
+def _assert_each_expert(dequantized, half_step, expected_dequantized, expected_half_step, unit) -> None:
+    """Per expert: the component along unit within its rounding bound, and the reference's values
+    within one step (fp32 summation order), rarely apart."""
+    for w, h, e, eh in zip(dequantized, half_step, expected_dequantized, expected_half_step, strict=True):
+        assert ((unit @ w).abs() <= unit.abs() @ h * 1.001 + 1e-5).all()
+        step = 2 * torch.maximum(h, eh)
+        assert ((w - e).abs() <= step * 1.001 + 1e-6).all()
+        assert ((w - e).abs() > 0.01 * step).float().mean() < 0.01
+
+
+def test_transformers_fp8_experts_with_128_blocks():
+    """transformers' FP8Experts holding down_proj [2, 256, 384] in 128x128 blocks ([2, 2, 3] scales)."""
+    from transformers import Qwen2MoeConfig
+    from transformers.integrations.finegrained_fp8 import _dequantize_fp8_weight
+
+    direction = torch.randn(256, generator=torch.Generator().manual_seed(2))
+    config = Qwen2MoeConfig(hidden_size=256, moe_intermediate_size=384, num_experts=2)
+    dense = Experts(_experts_weight(2, 256, 384, direction))
+    dense.gate_up_proj = torch.nn.Parameter(torch.zeros(2, 768, 256), requires_grad=False)
+    experts = transformers_fp8_experts(dense, config, block_size=(128, 128))
+    weight, weight_scale = experts.down_proj, experts.down_proj_scale_inv
+    assert tuple(weight_scale.shape) == (2, 2, 3)
+    expected = [(w.clone(), s.clone()) for w, s in zip(weight.data, weight_scale.data, strict=True)]
+    for w, s in expected:
+        fp8.orthogonalize_reference_(w, s, direction)
+
+    quantized = find_quantized_experts(experts, out_features=256)
+    assert (quantized.format, quantized.shape) == ("fp8", (2, 256, 384))
+    quantized.orthogonalize_(direction)
+    _assert_each_expert(
+        _dequantize_fp8_weight(weight, weight_scale, experts.block_size, torch.float32),
+        [fp8_half_step((w, s)) for w, s in zip(weight, weight_scale, strict=True)],
+        [fp8.dequantize(w, s) for w, s in expected],
+        [fp8_half_step(e) for e in expected],
+        direction / direction.norm(),
+    )
+
+
+def test_torchao_int8_experts():
+    """torchao's 3-D Int8Tensor (quantize_ with FqnToConfig on the experts' parameter)."""
+    import_or_skip("torchao")
+    from torchao.quantization import FqnToConfig, Int8WeightOnlyConfig, quantize_
+
+    experts = Experts(_experts_weight(3, OUT, IN, D))
+    quantize_(experts, FqnToConfig({"down_proj": Int8WeightOnlyConfig()}), filter_fn=None)
+    weight = experts.down_proj
+    assert tuple(weight.scale.shape) == (3, OUT, 1)
+    expected = [(q.clone(), s.clone()) for q, s in zip(weight.qdata, weight.scale, strict=True)]
+    for q, s in expected:
+        int8.orthogonalize_reference_(q, s, D)
+
+    quantized = find_quantized_experts(experts, out_features=OUT)
+    assert (quantized.format, quantized.shape) == ("torchao-int8", (3, OUT, IN))
+    quantized.orthogonalize_(D)
+    _assert_each_expert(
+        weight.dequantize().float(),
+        [int8.dequantize(torch.ones(OUT, IN), s) / 2 for s in weight.scale],
+        [int8.dequantize(q, s) for q, s in expected],
+        [int8.dequantize(torch.ones(OUT, IN), s) / 2 for _, s in expected],
+        UNIT,
+    )
+
+
+def _fbgemm_llama4_experts():
+    from transformers import Llama4TextConfig
+    from transformers.integrations.fbgemm_fp8 import FbgemmFp8Llama4TextExperts
+
+    return FbgemmFp8Llama4TextExperts(Llama4TextConfig(hidden_size=OUT, intermediate_size=IN, num_local_experts=2))
+
+
+def _gpt_oss_mxfp4_experts():
+    from transformers import GptOssConfig
+    from transformers.integrations.mxfp4 import Mxfp4GptOssExperts
+
+    return Mxfp4GptOssExperts(GptOssConfig(hidden_size=OUT, intermediate_size=IN, num_local_experts=2))
+
+
+def _torchao_float8_shared_scale_experts():
+    import_or_skip("torchao")
+    from torchao.quantization import Float8WeightOnlyConfig, FqnToConfig, PerTensor, quantize_
+
+    experts = Experts(_experts_weight(2, OUT, IN, D))
+    quantize_(experts, FqnToConfig({"down_proj": Float8WeightOnlyConfig(granularity=PerTensor())}), filter_fn=None)
+    return experts
+
+
+UNSUPPORTED_EXPERTS = {
+    # fp8 [E, in, out] with one scale per output column: the fp8 op scales rows of [out, in].
+    "fbgemm fp8 Llama 4 (transposed)": (_fbgemm_llama4_experts, "quantized experts must be stored [E, out"),
+    "gpt-oss MXFP4": (_gpt_oss_mxfp4_experts, "down_proj of dtype torch.uint8"),
+    "torchao float8 per tensor (one scale for all experts)": (
+        _torchao_float8_shared_scale_experts,
+        "shares one scale among its 2 experts",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", UNSUPPORTED_EXPERTS)
+def test_unsupported_quantized_experts_raise_type_error_and_leave_storage(case):
+    build, message = UNSUPPORTED_EXPERTS[case]
+    experts = build()
+    before = stored_bytes(experts)
+    with pytest.raises(TypeError, match=re.escape(message)):
+        find_quantized_experts(experts, out_features=OUT)
+    after = stored_bytes(experts)
+    assert all(torch.equal(after[name], t) for name, t in before.items())
 
 
 def autogptq_dequantize(qweight, qzeros, scales, g_idx, bits=4, zero_offset=1):

@@ -6,10 +6,16 @@ a fresh scale (and zero) chosen from its updated values. One module per format d
 its layout and holds the pure-torch reference (dequantize -> orthogonalize -> requantize):
 
   int8   bitsandbytes Int8Params (CB, SCB) and torchao Int8Tensor (qdata, scale), per row
-  gptq   int4 group-wise asymmetric, GPTQ layout (qweight [in/8, out], zeros stored minus 1)
+  gptq   int4 group-wise asymmetric, GPTQ layout (qweight [in/8, out]; zeros stored minus 1
+         in v1, as is in v2, `zeros_format`)
   awq    int4 group-wise asymmetric, AWQ GEMM layout (qweight [in, out/8], order 0 2 4 6 1 3 5 7)
-  fp8    float8_e4m3fn with per-tensor, per-row or 128x128 block scales
+  fp8    float8_e4m3fn with per-tensor, per-row or 128x128 block scales (also torchao's
+         Float8Tensor, whose scale multiplies as weight_scale_inv does)
   nf4    bitsandbytes Params4bit NF4, with or without double quantization
+
+Fused MoE experts [E, out, in] (`find_quantized_experts`: transformers' FP8Experts, torchao
+tensors of 3 dims) are edited one expert at a time, in place on each expert's slice, after
+every expert has been checked.
 
 Editing weights or ablating activations: on a quantized model the edit is a one-time cost,
 after which inference runs as before, but the edited weight is requantized, so d^T W is zero
@@ -31,9 +37,19 @@ import torch
 from . import awq, fp8, gptq, int8, nf4
 from ._ops import check_awq, check_fp8, check_int8
 
-__all__ = ["QuantizedWeight", "awq", "find_quantized_weight", "fp8", "gptq", "int8", "nf4", "orthogonalize_quantized_"]
+__all__ = [
+    "QuantizedWeight",
+    "awq",
+    "find_quantized_experts",
+    "find_quantized_weight",
+    "fp8",
+    "gptq",
+    "int8",
+    "nf4",
+    "orthogonalize_quantized_",
+]
 
-_FP8_SCALE_NAMES = ("weight_scale_inv", "weight_scale")
+_FP8_SCALE_SUFFIXES = ("_scale_inv", "_scale")
 _INT4_FORMATS = ("gptq", "awq")
 
 
@@ -43,8 +59,9 @@ class QuantizedWeight:
 
     format: "torchao-int8", "torchao-fp8", "bitsandbytes-int8", "bitsandbytes-nf4" (or "-fp4"),
         "gptq", "awq" or "fp8".
-    tensor_name: the attribute that holds the main stored tensor ("weight" or "qweight").
-    shape: (out, in) of the dequantized weight.
+    tensor_name: the attribute that holds the main stored tensor ("weight", "qweight", or the
+        fused experts' "down_proj").
+    shape: (out, in) of the dequantized weight; (experts, out, in) for fused experts.
     storage: every tensor the edit writes, so that a caller can copy them first.
     """
 
@@ -224,18 +241,97 @@ def _gptq_or_awq(target, out_features: int | None) -> QuantizedWeight:
     return QuantizedWeight(fmt, "qweight", (out, in_features), (qweight, qzeros, scales), check, run)
 
 
-def _fp8(target, weight: torch.Tensor) -> QuantizedWeight:
-    weight_scale = next((s for name in _FP8_SCALE_NAMES if (s := _attr(target, name)) is not None), None)
+def _fp8_scale(target, tensor_name: str) -> torch.Tensor:
+    """The dequantization scale stored next to an fp8 tensor: <tensor_name>_scale_inv or <tensor_name>_scale."""
+    names = tuple(tensor_name + suffix for suffix in _FP8_SCALE_SUFFIXES)
+    weight_scale = next((s for name in names if (s := _attr(target, name)) is not None), None)
     if weight_scale is None:
-        raise TypeError(f"fp8 weight without any of {_FP8_SCALE_NAMES}")
-    weight, weight_scale = weight.data, weight_scale.data
+        raise TypeError(f"fp8 {tensor_name} without any of {names}")
+    return weight_scale.data
+
+
+def _fp8(weight: torch.Tensor, weight_scale: torch.Tensor, tensor_name: str = "weight") -> QuantizedWeight:
     return QuantizedWeight(
         "fp8",
-        "weight",
+        tensor_name,
         tuple(weight.shape),
         (weight, weight_scale),
         partial(check_fp8, weight, weight_scale),
         partial(fp8.orthogonalize_, weight, weight_scale),
+    )
+
+
+def _check_experts(experts: list[QuantizedWeight], direction: torch.Tensor, scale: float) -> None:
+    for index, expert in enumerate(experts):
+        try:
+            expert.check(direction, scale)
+        except (ValueError, TypeError) as error:
+            raise type(error)(f"expert {index}: {error}") from error
+
+
+def _orthogonalize_experts(experts: list[QuantizedWeight], direction: torch.Tensor, scale: float) -> None:
+    """Every expert is checked before the first is written; then each is edited in place on its slice."""
+    _check_experts(experts, direction, scale)
+    for expert in experts:
+        expert.orthogonalize_(direction, scale)
+
+
+def find_quantized_experts(experts, out_features: int, name: str = "down_proj") -> QuantizedWeight | None:
+    """The quantized fused experts [E, out, in] that `experts.<name>` holds; None when they are dense.
+
+    Each expert is a slice of the stored tensors, edited in place by its format's op, and every
+    expert is checked before the first is written. Recognized, as the libraries store them:
+      * a torchao Int8Tensor or Float8Tensor of 3 dims (quantize_ with FqnToConfig on the
+        parameter): qdata [E, out, in] with scale [E, out, 1] (per row) or
+        [E, out / 128, in / 128] (blocks)
+      * fp8 [E, out, in] with <name>_scale_inv or <name>_scale [E, ...] (transformers'
+        FP8Experts: [E, ceil(out / 128), ceil(in / 128)] blocks, or [E, 1, 1] per expert)
+
+    Raises:
+        TypeError: quantized experts that no op can edit: one scale shared by all experts
+            (torchao's PerTensor on 3 dims), experts stored transposed [E, in, out] (fbgemm's
+            fp8 Llama 4 experts, scaled per output column), or another storage dtype (MXFP4's
+            uint8 blocks). No library fuses int4 (GPTQ, AWQ), NF4 or LLM.int8 experts into one
+            3-D tensor: GPTQModel, AutoAWQ and bitsandbytes keep one quantized linear per expert
+            (found by `find_quantized_weight`), and compressed-tensors dequantizes the fused
+            experts it loads.
+        ValueError: scales that do not hold one tensor per expert.
+    """
+    weight = _attr(experts, name)
+    if not isinstance(weight, torch.Tensor):
+        return None
+    if isinstance(_attr(weight, "qdata"), torch.Tensor) and isinstance(_attr(weight, "scale"), torch.Tensor):
+        stored, weight_scale = weight.qdata, weight.scale
+        expert = partial(_torchao, tensor_name=name)
+    elif weight.dtype == torch.float8_e4m3fn:
+        stored, weight_scale = weight.data, _fp8_scale(experts, name)
+        expert = partial(_fp8, tensor_name=name)
+    elif weight.dtype.is_floating_point:
+        return None
+    else:
+        raise TypeError(f"{name} of dtype {weight.dtype}: no op edits fused experts stored this way")
+    if stored.dim() != 3 or stored.shape[1] != out_features:
+        raise TypeError(
+            f"{name} has shape {tuple(stored.shape)}: quantized experts must be stored [E, out = {out_features}, in] "
+            "(transposed experts, scaled per output column, have no op)"
+        )
+    count = stored.shape[0]
+    if weight_scale.dim() != 3 or weight_scale.shape[0] != count:
+        if weight_scale.numel() == 1:
+            raise TypeError(
+                f"{name} shares one scale among its {count} experts: each edited expert needs its own scale"
+            )
+        raise ValueError(
+            f"{name}'s scale has shape {tuple(weight_scale.shape)}, not one scale tensor per expert [{count}, ...]"
+        )
+    each = [expert(stored[index], weight_scale[index]) for index in range(count)]
+    return QuantizedWeight(
+        each[0].format,
+        name,
+        tuple(stored.shape),
+        (stored, weight_scale),
+        partial(_check_experts, each),
+        partial(_orthogonalize_experts, each),
     )
 
 
@@ -270,7 +366,7 @@ def find_quantized_weight(module_or_tensors, out_features: int | None = None) ->
     if all(isinstance(_attr(target, name), torch.Tensor) for name in ("qweight", "qzeros", "scales")):
         return _gptq_or_awq(target, out_features)
     if isinstance(weight, torch.Tensor) and weight.dtype == torch.float8_e4m3fn:
-        return _fp8(target, weight)
+        return _fp8(weight.data, _fp8_scale(target, "weight"))
     return None
 
 
