@@ -30,7 +30,7 @@ TORCH_LIBRARY(refusal, m) {
       "bool absmax_scale=False) -> ()");
   m.def(
       "orthogonalize_gptq(Tensor(a!) qweight, Tensor(b!) qzeros, Tensor(c!) scales, Tensor? g_idx, "
-      "Tensor direction, int group_size, float scale=1.0) -> ()");
+      "Tensor direction, int group_size, float scale=1.0, str zeros_format=\"v1\") -> ()");
   m.def(
       "orthogonalize_awq(Tensor(a!) qweight, Tensor(b!) qzeros, Tensor(c!) scales, Tensor direction, "
       "int group_size, float scale=1.0) -> ()");

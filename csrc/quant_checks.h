@@ -4,6 +4,7 @@
 #pragma once
 
 #include <c10/util/Optional.h>
+#include <c10/util/string_view.h>
 
 #include <initializer_list>
 #include <optional>
@@ -77,10 +78,20 @@ inline void check_int4_groups(const at::Tensor& qzeros, const at::Tensor& scales
   check_shape(scales, "scales", {groups, out}, "[groups, out]");
 }
 
+// GPTQ's qzeros hold z - zero_min: "v1" stores zero points minus 1, "v2" stores them as is.
+inline int gptq_zero_min(c10::string_view zeros_format) {
+  TORCH_CHECK_VALUE(zeros_format == "v1" || zeros_format == "v2",
+                    "zeros_format must be 'v1' (qzeros hold zero - 1) or 'v2' (qzeros hold the zero), got '",
+                    std::string(zeros_format), "'");
+  return zeros_format == "v1" ? 1 : 0;
+}
+
 // Returns (in_features, out_features).
 inline std::pair<int64_t, int64_t> check_gptq(const at::Tensor& qweight, const at::Tensor& qzeros,
                                               const at::Tensor& scales, const std::optional<at::Tensor>& g_idx,
-                                              const at::Tensor& direction, int64_t group_size, double scale) {
+                                              const at::Tensor& direction, int64_t group_size, double scale,
+                                              c10::string_view zeros_format) {
+  gptq_zero_min(zeros_format);
   check_storage(qweight, "qweight", {at::kInt}, qweight);
   TORCH_CHECK_VALUE(qweight.dim() == 2, "qweight must be 2-D [in / 8, out], got shape ", qweight.sizes());
   const int64_t in = 8 * qweight.size(0);
@@ -112,11 +123,11 @@ inline std::pair<int64_t, int64_t> fp8_block_shape(const at::Tensor& weight, con
   const int64_t out = weight.size(0);
   const int64_t in = weight.size(1);
   const auto shape = weight_scale.sizes();
-  if (weight_scale.numel() == 1 && weight_scale.dim() <= 1) return {out, in};
+  if (weight_scale.numel() == 1) return {out, in};
   if (shape == at::IntArrayRef{out} || shape == at::IntArrayRef({out, 1})) return {1, in};
   if (shape == at::IntArrayRef({ceil_div(out, kFp8Block), ceil_div(in, kFp8Block)})) return {kFp8Block, kFp8Block};
   TORCH_CHECK_VALUE(false, "weight_scale shape ", shape, " matches no granularity of weight ", weight.sizes(),
-                    ": expected () or (1,) per tensor, (", out, ",) or (", out, ", 1) per row, or (",
+                    ": expected one element per tensor, (", out, ",) or (", out, ", 1) per row, or (",
                     ceil_div(out, kFp8Block), ", ", ceil_div(in, kFp8Block), ") per ", kFp8Block, "x", kFp8Block,
                     " block");
   return {};

@@ -55,13 +55,13 @@ class Format:
     half_step: Callable  # state -> fp32 [OUT, IN], the largest rounding error of each element
 
 
-def _gptq_format(act_order: bool) -> Format:
+def _gptq_format(act_order: bool, zeros_format: str = "v1") -> Format:
     g_idx = (torch.arange(IN) * 7 % IN // GROUP).int() if act_order else None
     return Format(
-        quantize=lambda w: (*gptq.quantize(w, GROUP, g_idx), g_idx),
-        kernel_=lambda s, d, c=1.0: gptq.orthogonalize_(*s, d, GROUP, c),
-        reference_=lambda s, d, c=1.0: gptq.orthogonalize_reference_(*s, d, GROUP, c),
-        dequantize=lambda s: gptq.dequantize(*s, GROUP),
+        quantize=lambda w: (*gptq.quantize(w, GROUP, g_idx, zeros_format=zeros_format), g_idx),
+        kernel_=lambda s, d, c=1.0: gptq.orthogonalize_(*s, d, GROUP, c, zeros_format),
+        reference_=lambda s, d, c=1.0: gptq.orthogonalize_reference_(*s, d, GROUP, c, zeros_format),
+        dequantize=lambda s: gptq.dequantize(*s, GROUP, zeros_format),
         half_step=lambda s: int4_half_step(s[2], gptq.group_of_column(IN, GROUP, g_idx)),
     )
 
@@ -105,6 +105,8 @@ FORMATS = {
     "int8 bitsandbytes": _int8_format(True),
     "gptq": _gptq_format(False),
     "gptq act-order": _gptq_format(True),
+    "gptq v2": _gptq_format(False, "v2"),
+    "gptq v2 act-order": _gptq_format(True, "v2"),
     "awq": Format(
         quantize=lambda w: awq.quantize(w, GROUP),
         kernel_=lambda s, d, c=1.0: awq.orthogonalize_(*s, d, GROUP, c),
@@ -114,6 +116,8 @@ FORMATS = {
     ),
     "fp8 tensor": _fp8_format((), (OUT, IN)),
     "fp8 row": _fp8_format((OUT, 1), (1, IN)),
+    # One 128 x 128 block covers 40 x 96: its [1, 1] scale reads as per tensor (torchao's shape).
+    # Several blocks: test_quant_libraries.py (torchao, transformers) and test_quant_triton.py.
     "fp8 block": _fp8_format((1, 1), (128, 128)),
     "nf4": _nf4_format(False),
     "nf4 double-quant": _nf4_format(True),

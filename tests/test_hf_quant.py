@@ -1,10 +1,11 @@
 """orthogonalize_model_ and patch on tiny models whose o_proj/down_proj hold quantized weights.
 
-bitsandbytes (LLM.int8, NF4, double-quantized NF4, on its CPU backend) and torchao (int8
-weight-only) layers are built by the libraries themselves. GPTQ, AWQ and fp8 have no CPU
-library, so their modules are built here with the project's packers (refusal_kernels.quant),
-which follow the published layouts; their forward reads the packed tensors with the
-transcriptions of AutoGPTQ's and AutoAWQ's dequantization in test_quant_libraries.py.
+bitsandbytes (LLM.int8, NF4, double-quantized NF4, on its CPU backend) and torchao (int8 and
+float8 weight-only) layers are built by the libraries themselves. GPTQ (v1, and GPTQModel's
+v2 zeros), AWQ and fp8 have no CPU library, so their modules are built here with the
+project's packers (refusal_kernels.quant), which follow the published layouts; their forward
+reads the packed tensors with the transcriptions of AutoGPTQ's and AutoAWQ's dequantization in
+test_quant_libraries.py.
 
 The yardstick for the in-place edit is the format's own quantization error: the quantized
 model's logits differ from the fp32 model's by some amount q. The in-place result is compared
@@ -35,9 +36,15 @@ import torch
 from quant_cases import fp8_half_step, int4_half_step, nf4_half_step
 from test_hf_families import tiny_direction, tiny_model
 from test_hf_patch import _forward, _max_relative_projection, _relative_difference, _residual_states
-from test_quant_libraries import autoawq_dequantize, autogptq_dequantize
+from test_quant_libraries import (
+    autoawq_dequantize,
+    autogptq_dequantize,
+    stored_bytes,
+    torchao_float8_half_step,
+    torchao_float8_layer,
+    transformers_fp8_experts,
+)
 from torch import nn
-from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from refusal_kernels import reference
 from refusal_kernels.hf import orthogonalize_model_, patch
@@ -64,13 +71,28 @@ class GPTQLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features, self.bits = linear.in_features, linear.out_features, 4
         g_idx = (torch.arange(linear.in_features) // GROUP).int()
-        for name, t in zip(
-            ("qweight", "qzeros", "scales", "g_idx"), (*gptq.quantize(linear.weight, GROUP, g_idx), g_idx), strict=True
-        ):
+        quantized = gptq.quantize(linear.weight, GROUP, g_idx, zeros_format=self.zeros_format())
+        for name, t in zip(("qweight", "qzeros", "scales", "g_idx"), (*quantized, g_idx), strict=True):
             self.register_buffer(name, t)
 
+    @staticmethod
+    def zeros_format() -> str:
+        return "v1"
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x @ autogptq_dequantize(self.qweight, self.qzeros, self.scales, self.g_idx)
+        zero_offset = 1 if self.zeros_format() == "v1" else 0
+        return x @ autogptq_dequantize(self.qweight, self.qzeros, self.scales, self.g_idx, zero_offset=zero_offset)
+
+
+class GPTQModelV2Linear(GPTQLinear):
+    """A GPTQModel QuantLinear holding v2 qzeros (the zero itself), as its qzero_format() says."""
+
+    @staticmethod
+    def zeros_format() -> str:
+        return "v2"
+
+    def qzero_format(self) -> int:
+        return 2
 
 
 class AWQLinear(nn.Module):
@@ -126,6 +148,14 @@ def _torchao_int8(linear: nn.Linear) -> nn.Module:
     return linear
 
 
+def _torchao_float8(granularity: str):
+    def build(linear: nn.Linear) -> nn.Module:
+        _import_or_skip("torchao")
+        return torchao_float8_layer(granularity, linear.weight.detach())
+
+    return build
+
+
 def _bitsandbytes_int8_half_step(layer: nn.Module) -> torch.Tensor:
     scb = layer.weight.SCB if layer.weight.SCB is not None else layer.state.SCB
     return int8.dequantize(torch.ones(layer.out_features, layer.in_features), scb, absmax_scale=True) / 2
@@ -153,7 +183,10 @@ CASES = {
     "bitsandbytes-nf4": Case("bitsandbytes-nf4", _bitsandbytes_nf4(False), _bitsandbytes_nf4_half_step),
     "bitsandbytes-nf4-double-quant": Case("bitsandbytes-nf4", _bitsandbytes_nf4(True), _bitsandbytes_nf4_half_step),
     "torchao-int8": Case("torchao-int8", _torchao_int8, _torchao_int8_half_step),
+    "torchao-fp8-row": Case("torchao-fp8", _torchao_float8("row"), lambda m: torchao_float8_half_step(m.weight)),
+    "torchao-fp8-tensor": Case("torchao-fp8", _torchao_float8("tensor"), lambda m: torchao_float8_half_step(m.weight)),
     "gptq": Case("gptq", GPTQLinear, lambda m: int4_half_step(m.scales, m.g_idx.long())),
+    "gptq-v2": Case("gptq", GPTQModelV2Linear, lambda m: int4_half_step(m.scales, m.g_idx.long())),
     "awq": Case("awq", AWQLinear, lambda m: int4_half_step(m.scales, torch.arange(m.in_features) // GROUP)),
     "fp8-row": Case(
         "fp8",
@@ -174,19 +207,6 @@ def _quantize_writers(model: nn.Module, build) -> nn.Module:
             parent, child = name.rsplit(".", 1)
             setattr(model.get_submodule(parent), child, build(module))
     return model
-
-
-def _state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Every parameter and buffer as raw bytes; a tensor subclass (torchao) by its inner tensors."""
-    state = {}
-    for name, t in {**dict(model.named_parameters()), **dict(model.named_buffers())}.items():
-        inner = (
-            {f"{name}.{n}": getattr(t, n) for n in t.__tensor_flatten__()[0]}
-            if is_traceable_wrapper_subclass(t)
-            else {name: t}
-        )
-        state.update({k: v.detach().clone().reshape(-1).view(torch.uint8) for k, v in inner.items()})
-    return state
 
 
 def _writers(model: nn.Module) -> dict[str, nn.Module]:
@@ -259,11 +279,11 @@ def test_in_place_edit_is_within_the_formats_quantization_error(base, fmt):
 def test_hooks_mode_is_exact_on_quantized_weights(base, fmt):
     model, direction = base
     quantized = _quantize_writers(model, CASES[fmt].build)
-    before = _state(quantized)
+    before = stored_bytes(quantized)
     assert _max_relative_projection(_residual_states(quantized), direction) > 1e-2
     with patch(quantized, direction, mode="hooks"):
         assert _max_relative_projection(_residual_states(quantized), direction) < 2e-5
-    after = _state(quantized)
+    after = stored_bytes(quantized)
     assert all(torch.equal(after[name], t) for name, t in before.items())
 
 
@@ -271,10 +291,10 @@ def test_hooks_mode_is_exact_on_quantized_weights(base, fmt):
 def test_weights_mode_restores_quantized_storage_bit_for_bit(base, fmt):
     model, direction = base
     quantized = _quantize_writers(model, CASES[fmt].build)
-    before, logits = _state(quantized), _forward(quantized)
+    before, logits = stored_bytes(quantized), _forward(quantized)
     with patch(quantized, direction, mode="weights"):
         assert not torch.equal(_forward(quantized), logits)
-    after = _state(quantized)
+    after = stored_bytes(quantized)
     assert after.keys() == before.keys()
     assert all(torch.equal(after[name], t) for name, t in before.items())
     assert torch.equal(_forward(quantized), logits)
@@ -313,10 +333,166 @@ def test_inconsistent_layout_raises_naming_the_module_and_changes_nothing(base, 
     quantized = _quantize_writers(model, GPTQLinear)
     # The last writer, so that a check made while writing would come after every other edit.
     _corrupt(quantized.model.layers[1].mlp.down_proj, how)
-    before = _state(quantized)
+    before = stored_bytes(quantized)
     with pytest.raises(ValueError, match=re.escape("model.layers.1.mlp.down_proj")) as error:
         orthogonalize_model_(quantized, direction)
     assert BAD_LAYOUTS[how] in str(error.value)
-    after = _state(quantized)
+    after = stored_bytes(quantized)
     assert after.keys() == before.keys()
     assert all(torch.equal(after[name], t) for name, t in before.items())
+
+
+# ---- Quantized fused experts [E, d_model, d_ff] (Qwen2-MoE, Mixtral).
+
+
+def _torchao_float8_experts(granularity: str = "row"):
+    """torchao's quantize_ on the experts' 3-D down_proj parameter (FqnToConfig), weight-only float8.
+
+    (torchao makes 3-D Int8Tensors too, but transformers' experts forward needs a transpose
+    that Int8Tensor does not implement; test_quant_libraries.py edits one on its own.)
+    """
+
+    def build(experts: nn.Module, config) -> nn.Module:
+        _import_or_skip("torchao")
+        from torchao.quantization import Float8WeightOnlyConfig, FqnToConfig, PerRow, PerTensor, quantize_
+
+        quant_config = Float8WeightOnlyConfig(granularity={"row": PerRow(), "tensor": PerTensor()}[granularity])
+        quantize_(experts, FqnToConfig({"down_proj": quant_config}), filter_fn=None)
+        return experts
+
+    return build
+
+
+def _experts_half_step(experts: nn.Module) -> torch.Tensor:
+    """[E, out, in]: the largest rounding error of each element of each expert."""
+    weight = experts.down_proj
+    if hasattr(weight, "qdata"):
+        stored, scales = weight.qdata, weight.scale
+    else:
+        stored, scales = weight, experts.down_proj_scale_inv
+    return torch.stack([fp8_half_step((q, s)) for q, s in zip(stored, scales, strict=True)])
+
+
+def _experts_dequantized(experts: nn.Module) -> torch.Tensor:
+    weight = experts.down_proj
+    if hasattr(weight, "qdata"):
+        return weight.dequantize().float()
+    from transformers.integrations.finegrained_fp8 import _dequantize_fp8_weight
+
+    return _dequantize_fp8_weight(weight, experts.down_proj_scale_inv, experts.block_size, torch.float32)
+
+
+EXPERT_CASES = {
+    "transformers-fp8": ("fp8", transformers_fp8_experts),
+    "torchao-fp8-row": ("torchao-fp8", _torchao_float8_experts()),
+}
+MOE_FAMILIES = ("qwen2_moe", "mixtral")
+
+
+def _quantize_experts(model: nn.Module, build) -> nn.Module:
+    """A copy of `model` whose fused experts are replaced by build(experts, config)."""
+    model = copy.deepcopy(model)
+    for name, module in list(model.named_modules()):
+        if name.endswith(".mlp.experts"):
+            parent, child = name.rsplit(".", 1)
+            setattr(model.get_submodule(parent), child, build(module, model.config))
+    return model
+
+
+def _fused_experts(model: nn.Module) -> dict[str, nn.Module]:
+    return {name: m for name, m in model.named_modules() if name.endswith(".mlp.experts")}
+
+
+@pytest.mark.parametrize("fmt", EXPERT_CASES)
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_quantized_fused_experts_are_edited_in_place(family, fmt):
+    expected_format, build = EXPERT_CASES[fmt]
+    model = tiny_model(family)
+    direction = tiny_direction(model)
+    unit = reference.unit(direction)
+    quantized = _quantize_experts(model, build)
+    reference_model = copy.deepcopy(model)
+    orthogonalize_model_(reference_model, direction)
+    reference_model = _quantize_experts(reference_model, build)
+    storage = {name: [t.data_ptr() for t in _state_tensors(m)] for name, m in _fused_experts(quantized).items()}
+
+    quantization_error = _relative_difference(_forward(quantized), _forward(model))
+    projection_before = _relative_projection_norm(quantized, direction)
+    record = orthogonalize_model_(quantized, direction)
+
+    experts = _fused_experts(quantized)
+    changed = {c.name: c for c in record.changed if c.name.endswith(".mlp.experts.down_proj")}
+    assert changed.keys() == {f"{name}.down_proj" for name in experts}
+    assert {c.format for c in changed.values()} == {expected_format}
+    for name, module in experts.items():
+        assert changed[f"{name}.down_proj"].shape == tuple(module.down_proj.shape)
+        assert [t.data_ptr() for t in _state_tensors(module)] == storage[name]  # in place
+        # Each expert is within half a step of a weight with no component along r.
+        along_r = torch.einsum("i,eij->ej", unit, _experts_dequantized(module)).abs()
+        assert (along_r <= torch.einsum("i,eij->ej", unit.abs(), _experts_half_step(module)) * 1.001 + 1e-5).all()
+    gap = _relative_difference(_forward(quantized), _forward(reference_model))
+    projection_after = _relative_projection_norm(quantized, direction)
+    noise = _relative_projection_norm(reference_model, direction)
+    print(
+        f"{family} {fmt}: logit gap {gap:.2e}, quantization error {quantization_error:.2e} "
+        f"(ratio {gap / quantization_error:.2f}); residual along r {projection_before:.3f} -> "
+        f"{projection_after:.4f} (rounding noise {noise:.4f})"
+    )
+    assert 0 < gap <= ROUNDINGS_BOUND * quantization_error
+    assert projection_after <= NOISE_BOUND * noise < projection_before
+
+
+def _state_tensors(module: nn.Module) -> list[torch.Tensor]:
+    weight = module.down_proj
+    return [weight.qdata, weight.scale] if hasattr(weight, "qdata") else [weight, module.down_proj_scale_inv]
+
+
+def _wrong_block_scale(model: nn.Module) -> None:
+    experts = model.model.layers[1].mlp.experts
+    experts.down_proj_scale_inv = nn.Parameter(experts.down_proj_scale_inv.repeat(1, 2, 1), requires_grad=False)
+
+
+BAD_EXPERTS = {
+    # (build, corrupt the last layer's experts, error, message)
+    "fp8 scale of no granularity": (
+        transformers_fp8_experts,
+        _wrong_block_scale,
+        ValueError,
+        "model.layers.1.mlp.experts.down_proj (fp8): expert 0: weight_scale shape (2, 1)",
+    ),
+    "torchao one scale for all experts": (
+        _torchao_float8_experts("tensor"),
+        lambda model: None,
+        TypeError,
+        "model.layers.0.mlp.experts (Qwen2MoeExperts): down_proj shares one scale among its 4 experts",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", BAD_EXPERTS)
+def test_unsupported_quantized_experts_raise_naming_the_module_and_change_nothing(case):
+    build, corrupt, error, message = BAD_EXPERTS[case]
+    model = tiny_model("qwen2_moe")
+    quantized = _quantize_experts(model, build)
+    corrupt(quantized)
+    before = stored_bytes(quantized)
+    with pytest.raises(error, match=re.escape(message)):
+        orthogonalize_model_(quantized, tiny_direction(model))
+    after = stored_bytes(quantized)
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[name], t) for name, t in before.items())
+
+
+@pytest.mark.parametrize("fmt", EXPERT_CASES)
+def test_patch_on_quantized_experts_restores_storage_and_hooks_are_exact(fmt):
+    model = tiny_model("qwen2_moe")
+    direction = tiny_direction(model)
+    quantized = _quantize_experts(model, EXPERT_CASES[fmt][1])
+    before, logits = stored_bytes(quantized), _forward(quantized)
+    with patch(quantized, direction, mode="weights"):
+        assert not torch.equal(_forward(quantized), logits)
+    with patch(quantized, direction, mode="hooks"):
+        assert _max_relative_projection(_residual_states(quantized), direction) < 2e-5
+    after = stored_bytes(quantized)
+    assert all(torch.equal(after[name], t) for name, t in before.items())
+    assert torch.equal(_forward(quantized), logits)

@@ -72,6 +72,18 @@ CASES = {
         ValueError,
         "g_idx",
     ),
+    "gptq: unknown zeros_format": (
+        _gptq,
+        lambda s, e: e(gptq)(*s, D, GROUP, 1.0, "v3"),
+        ValueError,
+        "zeros_format",
+    ),
+    "gptq: zeros_format spelled as GPTQModel's number": (
+        _gptq,
+        lambda s, e: e(gptq)(*s, D, GROUP, 1.0, 2),
+        ValueError,
+        "zeros_format",
+    ),
     "gptq: fp16 qweight": (_gptq, lambda s, e: e(gptq)(s[0].half(), *s[1:], D, GROUP), TypeError, "qweight"),
     "gptq: direction of length in": (_gptq, lambda s, e: e(gptq)(*s, torch.randn(IN), GROUP), ValueError, "direction"),
     "awq: GPTQ-shaped qweight": (
@@ -147,7 +159,15 @@ def test_fake_kernels_check_metadata():
             torch.ops.refusal.orthogonalize_gptq(qweight, qzeros, scales, None, torch.empty(40), 36)
 
 
-@pytest.mark.parametrize("op, args", [("int8", lambda: (*_int8(), D)), ("gptq", lambda: (*_gptq(), D, GROUP))])
+@pytest.mark.parametrize(
+    "op, args",
+    [
+        ("int8", lambda: (*_int8(), D)),
+        ("gptq", lambda: (*_gptq(), D, GROUP)),
+        ("gptq", lambda: (*_gptq(), D, GROUP, 1.0, "v2")),
+    ],
+    ids=["int8", "gptq", "gptq v2"],
+)
 def test_opcheck(op, args):
     torch.library.opcheck(
         getattr(torch.ops.refusal, f"orthogonalize_{op}"),

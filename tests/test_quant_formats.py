@@ -35,14 +35,23 @@ def test_requantizing_dequantized_weight_is_exact(name):
         (gptq.pack, gptq.unpack, (OUT, IN)),
         (awq.pack, awq.unpack, (OUT, IN)),
         (lambda z: gptq.pack_zeros(z + 1), lambda q: gptq.unpack_zeros(q) - 1, (3, OUT)),
+        (lambda z: gptq.pack_zeros(z, "v2"), lambda q: gptq.unpack_zeros(q, "v2"), (3, OUT)),
         (awq.pack_zeros, awq.unpack_zeros, (3, OUT)),
         (nf4.pack, nf4.unpack, (OUT * IN,)),
     ],
-    ids=["gptq", "awq", "gptq zeros", "awq zeros", "nf4"],
+    ids=["gptq", "awq", "gptq zeros", "gptq v2 zeros", "awq zeros", "nf4"],
 )
 def test_packing_round_trips(pack, unpack, shape):
     values = torch.randint(0, 16, shape)
     assert torch.equal(unpack(pack(values)).long(), values)
+
+
+def test_gptq_zeros_formats_store_the_same_zero_one_apart():
+    zeros = torch.randint(1, 16, (3, OUT))  # in both formats' range
+    v1, v2 = gptq.pack_zeros(zeros, "v1"), gptq.pack_zeros(zeros, "v2")
+    assert torch.equal(gptq.unpack_zeros(v2, "v2") - gptq.unpack_zeros(v1, "v2"), torch.ones_like(zeros))
+    # GPTQModel converts v1 to v2 by adding 1 to every nibble of each word: 0x11111111.
+    assert torch.equal(v2, v1 + 0x11111111)
 
 
 def test_packed_bit_order():

@@ -18,7 +18,17 @@ pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
 ]
 
-GPU_FORMATS = ["int8 torchao", "int8 bitsandbytes", "gptq", "gptq act-order", "fp8 tensor", "fp8 row", "fp8 block"]
+GPU_FORMATS = [
+    "int8 torchao",
+    "int8 bitsandbytes",
+    "gptq",
+    "gptq act-order",
+    "gptq v2",
+    "gptq v2 act-order",
+    "fp8 tensor",
+    "fp8 row",
+    "fp8 block",
+]
 
 
 def to_device(state, device):

@@ -161,7 +161,7 @@ void orthogonalize_fp8(at::Tensor& weight, at::Tensor& weight_scale, const at::T
 struct GptqLayout {
   int32_t* qweight;  // [in / 8, out], packed along in
   int64_t out;
-  static constexpr int kZeroMin = 1;  // zeros are stored minus 1
+  int zero_min;  // qzeros hold z - zero_min (1 in v1, 0 in v2)
   int32_t* word(int64_t i, int64_t j) const { return qweight + (j >> 3) * out + i; }
   static int shift(int64_t i, int64_t j) { return 4 * static_cast<int>(j & 7); }
   static int zero_shift(int64_t i) { return 4 * static_cast<int>(i & 7); }
@@ -173,7 +173,7 @@ constexpr std::array<int, 8> kAwqNibbleOfOutput = {0, 4, 1, 5, 2, 6, 3, 7};
 struct AwqLayout {
   int32_t* qweight;  // [in, out / 8], packed along out
   int64_t out;
-  static constexpr int kZeroMin = 0;
+  static constexpr int zero_min = 0;
   int32_t* word(int64_t i, int64_t j) const { return qweight + j * (out >> 3) + (i >> 3); }
   static int shift(int64_t i, int64_t j) { return zero_shift(i); }
   static int zero_shift(int64_t i) { return 4 * kAwqNibbleOfOutput[i & 7]; }
@@ -199,7 +199,7 @@ void orthogonalize_int4(const Layout& layout, at::Tensor& qzeros, at::Tensor& sc
   const int32_t* packed_zeros = qzeros.const_data_ptr<int32_t>();
   for (int64_t g = 0; g < groups; ++g) {
     for (int64_t i = 0; i < out; ++i) {
-      zero[g * out + i] = nibble(packed_zeros[g * (out / 8) + i / 8], Layout::zero_shift(i)) + Layout::kZeroMin;
+      zero[g * out + i] = nibble(packed_zeros[g * (out / 8) + i / 8], Layout::zero_shift(i)) + layout.zero_min;
     }
   }
   auto dequantized = [&](int64_t i, int64_t j) {
@@ -249,7 +249,7 @@ void orthogonalize_int4(const Layout& layout, at::Tensor& qzeros, at::Tensor& sc
           const int64_t index = g * out + first + k;
           old_step[k] = step[index];
           old_zero[k] = zero[index];
-          asymmetric_scale_zero<ScaleT>(low[k], high[k], Layout::kZeroMin, &new_step[k], &new_zero[k]);
+          asymmetric_scale_zero<ScaleT>(low[k], high[k], layout.zero_min, &new_step[k], &new_zero[k]);
         }
         for (int64_t m = group_start[g]; m < group_start[g + 1]; ++m) {
           const int64_t j = members[m];
@@ -272,7 +272,7 @@ void orthogonalize_int4(const Layout& layout, at::Tensor& qzeros, at::Tensor& sc
   int32_t* zeros_out = qzeros.mutable_data_ptr<int32_t>();
   for (int64_t g = 0; g < groups; ++g) {
     for (int64_t i = 0; i < out; ++i) {
-      set_nibble(zeros_out + g * (out / 8) + i / 8, Layout::zero_shift(i), zero[g * out + i] - Layout::kZeroMin);
+      set_nibble(zeros_out + g * (out / 8) + i / 8, Layout::zero_shift(i), zero[g * out + i] - layout.zero_min);
     }
   }
   store_floats(scales, step);
@@ -280,8 +280,9 @@ void orthogonalize_int4(const Layout& layout, at::Tensor& qzeros, at::Tensor& sc
 
 void orthogonalize_gptq(at::Tensor& qweight, at::Tensor& qzeros, at::Tensor& scales,
                         const std::optional<at::Tensor>& g_idx, const at::Tensor& direction, int64_t group_size,
-                        double scale) {
-  const auto [in, out] = check_gptq(qweight, qzeros, scales, g_idx, direction, group_size, scale);
+                        double scale, c10::string_view zeros_format) {
+  const auto [in, out] = check_gptq(qweight, qzeros, scales, g_idx, direction, group_size, scale, zeros_format);
+  const int zero_min = gptq_zero_min(zeros_format);
   const int64_t groups = in / group_size;
   at::Tensor group_index = g_idx.has_value() ? g_idx->to(at::kLong).contiguous()
                                              : at::arange(in, qweight.options().dtype(at::kLong)).floor_divide_(group_size);
@@ -292,8 +293,8 @@ void orthogonalize_gptq(at::Tensor& qweight, at::Tensor& qzeros, at::Tensor& sca
                       groups, " groups");
   }
   REFUSAL_DISPATCH_FLOATS(scales.scalar_type(), "refusal::orthogonalize_gptq", [&] {
-    orthogonalize_int4<GptqLayout, scalar_t>(GptqLayout{qweight.mutable_data_ptr<int32_t>(), out}, qzeros, scales,
-                                             group_index, in, groups, direction, scale);
+    orthogonalize_int4<GptqLayout, scalar_t>(GptqLayout{qweight.mutable_data_ptr<int32_t>(), out, zero_min}, qzeros,
+                                             scales, group_index, in, groups, direction, scale);
   });
 }
 

@@ -200,7 +200,7 @@ __global__ void gptq_column_dot(const int32_t* qweight, const float* step, const
 template <typename ScaleT>
 __global__ void gptq_choose_scales(const int32_t* qweight, const float* step, const float* zero,
                                    const int64_t* members, const int64_t* group_start, const float* d, const float* c,
-                                   float s, float* new_step, int* new_zero, int64_t out) {
+                                   float s, int zero_min, float* new_step, int* new_zero, int64_t out) {
   const int64_t g = blockIdx.y;
   const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (i >= out) return;
@@ -213,7 +213,7 @@ __global__ void gptq_choose_scales(const int32_t* qweight, const float* step, co
     low = fminf(low, w);
     high = fmaxf(high, w);
   }
-  asymmetric_scale_zero<ScaleT>(low, high, /*zero_min=*/1, new_step + index, new_zero + index);
+  asymmetric_scale_zero<ScaleT>(low, high, zero_min, new_step + index, new_zero + index);
 }
 
 // Rewrites word (packed row blockIdx.y, output i): its 8 inputs, each with its own group.
@@ -234,19 +234,20 @@ __global__ void gptq_requantize(int32_t* qweight, const float* step, const float
   qweight[p * out + i] = static_cast<int32_t>(packed);
 }
 
-// qzeros[g, w] from zero points [groups, out], stored minus 1 (GPTQ v1).
-__global__ void gptq_pack_zeros(const int* zero, int32_t* qzeros, int64_t words) {
+// qzeros[g, w] from zero points [groups, out], stored minus zero_min (1 in GPTQ v1, 0 in v2).
+__global__ void gptq_pack_zeros(const int* zero, int zero_min, int32_t* qzeros, int64_t words) {
   const int64_t index = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (index >= words) return;
   uint32_t packed = 0;
-  for (int k = 0; k < 8; ++k) packed |= static_cast<uint32_t>(zero[8 * index + k] - 1) << (4 * k);
+  for (int k = 0; k < 8; ++k) packed |= static_cast<uint32_t>(zero[8 * index + k] - zero_min) << (4 * k);
   qzeros[index] = static_cast<int32_t>(packed);
 }
 
 void orthogonalize_gptq(at::Tensor& qweight, at::Tensor& qzeros, at::Tensor& scales,
                         const std::optional<at::Tensor>& g_idx, const at::Tensor& direction, int64_t group_size,
-                        double scale) {
-  const auto [in, out] = check_gptq(qweight, qzeros, scales, g_idx, direction, group_size, scale);
+                        double scale, c10::string_view zeros_format) {
+  const auto [in, out] = check_gptq(qweight, qzeros, scales, g_idx, direction, group_size, scale, zeros_format);
+  const int zero_min = gptq_zero_min(zeros_format);
   if (in == 0 || out == 0) return;
   const at::cuda::OptionalCUDAGuard guard(qweight.device());
   const auto stream = at::cuda::getCurrentCUDAStream();
@@ -259,8 +260,9 @@ void orthogonalize_gptq(at::Tensor& qweight, at::Tensor& qzeros, at::Tensor& sca
   const at::Tensor d = unit_direction(direction);
   const at::Tensor step = scales.to(at::kFloat).contiguous();
   const at::Tensor shifts = at::arange(0, 32, 4, qzeros.options());
-  const at::Tensor zero =
-      (qzeros.unsqueeze(-1).bitwise_right_shift(shifts).bitwise_and(0xF) + 1).reshape({groups, out}).to(at::kFloat);
+  const at::Tensor zero = (qzeros.unsqueeze(-1).bitwise_right_shift(shifts).bitwise_and(0xF) + zero_min)
+                              .reshape({groups, out})
+                              .to(at::kFloat);
   at::Tensor c = at::empty({in}, step.options());
   at::Tensor new_step = at::empty({groups, out}, step.options());
   at::Tensor new_zero = at::empty({groups, out}, qzeros.options());
@@ -274,7 +276,7 @@ void orthogonalize_gptq(at::Tensor& qweight, at::Tensor& qzeros, at::Tensor& sca
     gptq_choose_scales<scalar_t><<<dim3(ceil_div(out, kThreads), groups), kThreads, 0, stream>>>(
         qweight.const_data_ptr<int32_t>(), step.const_data_ptr<float>(), zero.const_data_ptr<float>(),
         members.const_data_ptr<int64_t>(), group_start.const_data_ptr<int64_t>(), d.const_data_ptr<float>(),
-        c.const_data_ptr<float>(), s, new_step.data_ptr<float>(), new_zero.data_ptr<int>(), out);
+        c.const_data_ptr<float>(), s, zero_min, new_step.data_ptr<float>(), new_zero.data_ptr<int>(), out);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   gptq_requantize<<<dim3(ceil_div(out, kThreads), in / 8), kThreads, 0, stream>>>(
@@ -283,7 +285,7 @@ void orthogonalize_gptq(at::Tensor& qweight, at::Tensor& qzeros, at::Tensor& sca
       d.const_data_ptr<float>(), c.const_data_ptr<float>(), s, out);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   gptq_pack_zeros<<<ceil_div(qzeros.numel(), kThreads), kThreads, 0, stream>>>(
-      new_zero.const_data_ptr<int>(), qzeros.data_ptr<int32_t>(), qzeros.numel());
+      new_zero.const_data_ptr<int>(), zero_min, qzeros.data_ptr<int32_t>(), qzeros.numel());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   scales.copy_(new_step);  // exact: every fresh step is representable in the scales' dtype
 }

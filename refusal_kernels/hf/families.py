@@ -8,10 +8,10 @@ read by its shape:
     attention child and an MLP child;
   * the attention writes through one output projection, the MLP through every down
     projection in its subtree (dense MLP, MoE experts as a module list or as a fused 3-D
-    parameter, shared experts);
+    parameter, dense or quantized as `quant.find_quantized_experts` recognizes, shared experts);
   * a projection is an nn.Linear, a GPT-2 Conv1D, or a module holding a quantized weight that
-    `refusal_kernels.quant.find_quantized_weight` recognizes (bitsandbytes, torchao int8,
-    GPTQ, AWQ, fp8); its bias, if any, is a dense writer;
+    `refusal_kernels.quant.find_quantized_weight` recognizes (bitsandbytes, torchao int8 and
+    float8, GPTQ, AWQ, fp8); its bias, if any, is a dense writer;
   * a layer with both a pre- and a post-feedforward norm ("sandwich" norms, Gemma 2/3) applies
     `post_attention_layernorm` to the attention output and `post_feedforward_layernorm` to the
     MLP output before adding them to the residual. Without the pre-feedforward norm,
@@ -168,10 +168,13 @@ def _find_layer_list(model: nn.Module) -> tuple[str, nn.ModuleList]:
     )
 
 
-def _quantized_weight(module: nn.Module, name: str, hidden_size: int) -> quant.QuantizedWeight | None:
-    """The quantized weight `module` holds, or None; a layout that does not add up raises, naming the module."""
+def _quantized_weight(
+    module: nn.Module, name: str, hidden_size: int, find=quant.find_quantized_weight
+) -> quant.QuantizedWeight | None:
+    """The quantized weight `module` holds (found by `find`), or None; a layout that does not add up
+    raises, naming the module."""
     try:
-        return quant.find_quantized_weight(module, out_features=hidden_size)
+        return find(module, out_features=hidden_size)
     except ValueError as error:
         raise StructureError(f"{name} ({type(module).__name__}): {error}") from error
     except TypeError as error:
@@ -217,9 +220,23 @@ def _projection_writers(
 def _fused_expert_writers(
     experts: nn.Module, name: str, hidden_size: int, layer: int, post_norm: tuple[nn.Module, str] | None
 ) -> list[ResidualWriter]:
-    """A fused experts module: down_proj [E, d_model, d_ff], or [E, d_ff, d_model] when transposed."""
+    """A fused experts module: down_proj [E, d_model, d_ff], or [E, d_ff, d_model] when transposed
+    (dense only: quantized experts are [E, d_model, d_ff])."""
     norm, norm_weight = post_norm if post_norm else (None, None)
     weight = getattr(experts, FUSED_EXPERT_OUTPUT_NAME)
+    quantized = _quantized_weight(experts, name, hidden_size, quant.find_quantized_experts)
+    layout = MATRIX if quantized is not None else _dense_experts_layout(weight, name, hidden_size, experts)
+    writers = [
+        ResidualWriter(f"{name}.{FUSED_EXPERT_OUTPUT_NAME}", weight, layout, layer, MLP, norm, norm_weight, quantized)
+    ]
+    bias = getattr(experts, FUSED_EXPERT_OUTPUT_BIAS_NAME, None)
+    if isinstance(bias, nn.Parameter):
+        bias_name = f"{name}.{FUSED_EXPERT_OUTPUT_BIAS_NAME}"
+        writers.append(ResidualWriter(bias_name, bias, ROWS, layer, MLP, norm, norm_weight))
+    return writers
+
+
+def _dense_experts_layout(weight: torch.Tensor, name: str, hidden_size: int, experts: nn.Module) -> str:
     transposed = getattr(experts, "is_transposed", None)
     rows_fit, matrix_fit = weight.shape[-1] == hidden_size, weight.shape[-2] == hidden_size
     if transposed is None and rows_fit and matrix_fit:
@@ -232,12 +249,7 @@ def _fused_expert_writers(
             f"{name}.{FUSED_EXPERT_OUTPUT_NAME} has shape {tuple(weight.shape)}, which does not write "
             f"{hidden_size}-wide vectors in its {'last' if layout == ROWS else 'second-to-last'} dim"
         )
-    writers = [ResidualWriter(f"{name}.{FUSED_EXPERT_OUTPUT_NAME}", weight, layout, layer, MLP, norm, norm_weight)]
-    bias = getattr(experts, FUSED_EXPERT_OUTPUT_BIAS_NAME, None)
-    if isinstance(bias, nn.Parameter):
-        bias_name = f"{name}.{FUSED_EXPERT_OUTPUT_BIAS_NAME}"
-        writers.append(ResidualWriter(bias_name, bias, ROWS, layer, MLP, norm, norm_weight))
-    return writers
+    return layout
 
 
 def _mlp_writers(

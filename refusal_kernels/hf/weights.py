@@ -7,9 +7,10 @@ that what it writes has no component along r:
   * embedding rows, biases, GPT-2 Conv1D weights [d_in, d_model] and transposed experts: each
     row v <- v - s (v.r) r.
 
-Quantized projections (see `families`) are edited in their own storage by the format's op in
-`refusal_kernels.quant`, which requantizes each group with a fresh scale: the written
-component along r is then zero only up to one quantization step, not exactly.
+Quantized projections and quantized fused experts (see `families`) are edited in their own
+storage by the format's op in `refusal_kernels.quant` (one expert at a time), which requantizes
+each group with a fresh scale: the written component along r is then zero only up to one
+quantization step, not exactly.
 
 With scale=1, dense weights and no post-sublayer norms this equals `patch(mode="hooks")`:
 every residual state is orthogonal to r. Tied embeddings are untied first (the head keeps the
@@ -67,7 +68,8 @@ class ChangedTensor:
     """One tensor `orthogonalize_model_` changed: name, shape, layout (MATRIX/ROWS), layer, and
     the scale it was orthogonalized with (its Schedule entry, or the one number).
 
-    For a quantized weight, shape is that of the dequantized [out, in] matrix and `format`
+    For a quantized weight, shape is that of the dequantized [out, in] matrix ([E, out, in]
+    for fused experts) and `format`
     names the storage ("gptq", "bitsandbytes-nf4", ...; see `refusal_kernels.quant`); None
     for a dense tensor.
     """

@@ -6,10 +6,16 @@ a fresh scale (and zero) chosen from its updated values. One module per format d
 its layout and holds the pure-torch reference (dequantize -> orthogonalize -> requantize):
 
   int8   bitsandbytes Int8Params (CB, SCB) and torchao Int8Tensor (qdata, scale), per row
-  gptq   int4 group-wise asymmetric, GPTQ layout (qweight [in/8, out], zeros stored minus 1)
+  gptq   int4 group-wise asymmetric, GPTQ layout (qweight [in/8, out]; zeros stored minus 1
+         in v1, as is in v2, `zeros_format`)
   awq    int4 group-wise asymmetric, AWQ GEMM layout (qweight [in, out/8], order 0 2 4 6 1 3 5 7)
-  fp8    float8_e4m3fn with per-tensor, per-row or 128x128 block scales
+  fp8    float8_e4m3fn with per-tensor, per-row or 128x128 block scales (also torchao's
+         Float8Tensor, whose scale multiplies as weight_scale_inv does)
   nf4    bitsandbytes Params4bit NF4, with or without double quantization
+
+Fused MoE experts [E, out, in] (`find_quantized_experts`: transformers' FP8Experts, torchao
+tensors of 3 dims) are edited one expert at a time, in place on each expert's slice, after
+every expert has been checked.
 
 Editing weights or ablating activations: on a quantized model the edit is a one-time cost,
 after which inference runs as before, but the edited weight is requantized, so d^T W is zero
@@ -31,9 +37,19 @@ import torch
 from . import awq, fp8, gptq, int8, nf4
 from ._ops import check_awq, check_fp8, check_int8
 
-__all__ = ["QuantizedWeight", "awq", "find_quantized_weight", "fp8", "gptq", "int8", "nf4", "orthogonalize_quantized_"]
+__all__ = [
+    "QuantizedWeight",
+    "awq",
+    "find_quantized_experts",
+    "find_quantized_weight",
+    "fp8",
+    "gptq",
+    "int8",
+    "nf4",
+    "orthogonalize_quantized_",
+]
 
-_FP8_SCALE_NAMES = ("weight_scale_inv", "weight_scale")
+_FP8_SCALE_SUFFIXES = ("_scale_inv", "_scale")
 _INT4_FORMATS = ("gptq", "awq")
 
 
@@ -41,10 +57,11 @@ _INT4_FORMATS = ("gptq", "awq")
 class QuantizedWeight:
     """A quantized [out, in] weight found by `find_quantized_weight`, ready to be orthogonalized.
 
-    format: "torchao-int8", "bitsandbytes-int8", "bitsandbytes-nf4" (or "-fp4"), "gptq",
-        "awq" or "fp8".
-    tensor_name: the attribute that holds the main stored tensor ("weight" or "qweight").
-    shape: (out, in) of the dequantized weight.
+    format: "torchao-int8", "torchao-fp8", "bitsandbytes-int8", "bitsandbytes-nf4" (or "-fp4"),
+        "gptq", "awq" or "fp8".
+    tensor_name: the attribute that holds the main stored tensor ("weight", "qweight", or the
+        fused experts' "down_proj").
+    shape: (out, in) of the dequantized weight; (experts, out, in) for fused experts.
     storage: every tensor the edit writes, so that a caller can copy them first.
     """
 
@@ -74,18 +91,27 @@ def _declared(target, *names: str) -> int | None:
     return next((int(v) for name in names if isinstance(v := _attr(target, name), int)), None)
 
 
-def _torchao_int8(weight) -> QuantizedWeight:
-    qdata, row_scale = weight.qdata, weight.scale
-    if qdata.dtype != torch.int8:
-        raise TypeError(f"only int8 torchao tensors are supported, got qdata of dtype {qdata.dtype}")
-    return QuantizedWeight(
-        "torchao-int8",
-        "weight",
-        tuple(qdata.shape),
-        (qdata, row_scale),
-        partial(check_int8, qdata, row_scale),
-        partial(int8.orthogonalize_, qdata, row_scale),
-    )
+def _torchao(qdata: torch.Tensor, scale: torch.Tensor, tensor_name: str = "weight") -> QuantizedWeight:
+    """A torchao Int8Tensor or Float8Tensor's (qdata, scale): W = qdata * scale, one scale per block of qdata."""
+    if qdata.dtype == torch.int8:
+        return QuantizedWeight(
+            "torchao-int8",
+            tensor_name,
+            tuple(qdata.shape),
+            (qdata, scale),
+            partial(check_int8, qdata, scale),
+            partial(int8.orthogonalize_, qdata, scale),
+        )
+    if qdata.dtype == torch.float8_e4m3fn:
+        return QuantizedWeight(
+            "torchao-fp8",
+            tensor_name,
+            tuple(qdata.shape),
+            (qdata, scale),
+            partial(check_fp8, qdata, scale),
+            partial(fp8.orthogonalize_, qdata, scale),
+        )
+    raise TypeError(f"only int8 and float8_e4m3fn torchao tensors are supported, got qdata of dtype {qdata.dtype}")
 
 
 def _bitsandbytes_int8(module) -> QuantizedWeight | None:
@@ -156,6 +182,29 @@ def _int4_format(target, qweight: torch.Tensor, out: int) -> str:
     return fitting[0]
 
 
+def _gptq_zeros_format(target) -> str:
+    """How a GPTQ module's qzeros store the zero points: "v1" (minus 1, the default) or "v2" (as is).
+
+    GPTQModel records it on each module as `qzero_format()` (1 or 2; its kernels that need v2
+    convert v1 checkpoints when they load them) and on its QuantizeConfig as
+    `checkpoint_format` ("gptq" or "gptq_v2"); AutoGPTQ modules record nothing and are v1.
+    """
+    qzero_format = _attr(target, "qzero_format")
+    if callable(qzero_format):
+        version = qzero_format()
+        if version not in (1, 2):
+            raise ValueError(f"qzero_format() is {version!r}: expected 1 (GPTQ v1) or 2 (GPTQ v2)")
+        return f"v{version}"
+    checkpoint_format = _attr(target, "checkpoint_format")
+    if checkpoint_format is None:
+        return "v1"
+    formats = {"gptq": "v1", "gptq_v2": "v2"}
+    name = _attr(checkpoint_format, "value") or checkpoint_format  # GPTQModel's FORMAT enum, or its string
+    if name not in formats:
+        raise ValueError(f"checkpoint_format is {checkpoint_format!r}: expected 'gptq' (v1) or 'gptq_v2'")
+    return formats[name]
+
+
 def _gptq_or_awq(target, out_features: int | None) -> QuantizedWeight:
     qweight, qzeros, scales = target.qweight, target.qzeros, target.scales
     if qweight.dim() != 2 or scales.dim() != 2:
@@ -186,19 +235,25 @@ def _gptq_or_awq(target, out_features: int | None) -> QuantizedWeight:
         run = partial(awq.orthogonalize_, qweight, qzeros, scales, group_size=group_size)
     else:
         g_idx = _attr(target, "g_idx")
-        check = partial(gptq.check, qweight, qzeros, scales, g_idx, group_size=group_size)
-        run = partial(gptq.orthogonalize_, qweight, qzeros, scales, g_idx, group_size=group_size)
+        layout = {"group_size": group_size, "zeros_format": _gptq_zeros_format(target)}
+        check = partial(gptq.check, qweight, qzeros, scales, g_idx, **layout)
+        run = partial(gptq.orthogonalize_, qweight, qzeros, scales, g_idx, **layout)
     return QuantizedWeight(fmt, "qweight", (out, in_features), (qweight, qzeros, scales), check, run)
 
 
-def _fp8(target, weight: torch.Tensor) -> QuantizedWeight:
-    weight_scale = next((s for name in _FP8_SCALE_NAMES if (s := _attr(target, name)) is not None), None)
+def _fp8_scale(target, tensor_name: str) -> torch.Tensor:
+    """The dequantization scale stored next to an fp8 tensor: <tensor_name>_scale_inv or <tensor_name>_scale."""
+    names = tuple(tensor_name + suffix for suffix in _FP8_SCALE_SUFFIXES)
+    weight_scale = next((s for name in names if (s := _attr(target, name)) is not None), None)
     if weight_scale is None:
-        raise TypeError(f"fp8 weight without any of {_FP8_SCALE_NAMES}")
-    weight, weight_scale = weight.data, weight_scale.data
+        raise TypeError(f"fp8 {tensor_name} without any of {names}")
+    return weight_scale.data
+
+
+def _fp8(weight: torch.Tensor, weight_scale: torch.Tensor, tensor_name: str = "weight") -> QuantizedWeight:
     return QuantizedWeight(
         "fp8",
-        "weight",
+        tensor_name,
         tuple(weight.shape),
         (weight, weight_scale),
         partial(check_fp8, weight, weight_scale),
@@ -206,11 +261,87 @@ def _fp8(target, weight: torch.Tensor) -> QuantizedWeight:
     )
 
 
+def _check_experts(experts: list[QuantizedWeight], direction: torch.Tensor, scale: float) -> None:
+    for index, expert in enumerate(experts):
+        try:
+            expert.check(direction, scale)
+        except (ValueError, TypeError) as error:
+            raise type(error)(f"expert {index}: {error}") from error
+
+
+def _orthogonalize_experts(experts: list[QuantizedWeight], direction: torch.Tensor, scale: float) -> None:
+    """Every expert is checked before the first is written; then each is edited in place on its slice."""
+    _check_experts(experts, direction, scale)
+    for expert in experts:
+        expert.orthogonalize_(direction, scale)
+
+
+def find_quantized_experts(experts, out_features: int, name: str = "down_proj") -> QuantizedWeight | None:
+    """The quantized fused experts [E, out, in] that `experts.<name>` holds; None when they are dense.
+
+    Each expert is a slice of the stored tensors, edited in place by its format's op, and every
+    expert is checked before the first is written. Recognized, as the libraries store them:
+      * a torchao Int8Tensor or Float8Tensor of 3 dims (quantize_ with FqnToConfig on the
+        parameter): qdata [E, out, in] with scale [E, out, 1] (per row) or
+        [E, out / 128, in / 128] (blocks)
+      * fp8 [E, out, in] with <name>_scale_inv or <name>_scale [E, ...] (transformers'
+        FP8Experts: [E, ceil(out / 128), ceil(in / 128)] blocks, or [E, 1, 1] per expert)
+
+    Raises:
+        TypeError: quantized experts that no op can edit: one scale shared by all experts
+            (torchao's PerTensor on 3 dims), experts stored transposed [E, in, out] (fbgemm's
+            fp8 Llama 4 experts, scaled per output column), or another storage dtype (MXFP4's
+            uint8 blocks). No library fuses int4 (GPTQ, AWQ), NF4 or LLM.int8 experts into one
+            3-D tensor: GPTQModel, AutoAWQ and bitsandbytes keep one quantized linear per expert
+            (found by `find_quantized_weight`), and compressed-tensors dequantizes the fused
+            experts it loads.
+        ValueError: scales that do not hold one tensor per expert.
+    """
+    weight = _attr(experts, name)
+    if not isinstance(weight, torch.Tensor):
+        return None
+    if isinstance(_attr(weight, "qdata"), torch.Tensor) and isinstance(_attr(weight, "scale"), torch.Tensor):
+        stored, weight_scale = weight.qdata, weight.scale
+        expert = partial(_torchao, tensor_name=name)
+    elif weight.dtype == torch.float8_e4m3fn:
+        stored, weight_scale = weight.data, _fp8_scale(experts, name)
+        expert = partial(_fp8, tensor_name=name)
+    elif weight.dtype.is_floating_point:
+        return None
+    else:
+        raise TypeError(f"{name} of dtype {weight.dtype}: no op edits fused experts stored this way")
+    if stored.dim() != 3 or stored.shape[1] != out_features:
+        raise TypeError(
+            f"{name} has shape {tuple(stored.shape)}: quantized experts must be stored [E, out = {out_features}, in] "
+            "(transposed experts, scaled per output column, have no op)"
+        )
+    count = stored.shape[0]
+    if weight_scale.dim() != 3 or weight_scale.shape[0] != count:
+        if weight_scale.numel() == 1:
+            raise TypeError(
+                f"{name} shares one scale among its {count} experts: each edited expert needs its own scale"
+            )
+        raise ValueError(
+            f"{name}'s scale has shape {tuple(weight_scale.shape)}, not one scale tensor per expert [{count}, ...]"
+        )
+    each = [expert(stored[index], weight_scale[index]) for index in range(count)]
+    return QuantizedWeight(
+        each[0].format,
+        name,
+        tuple(stored.shape),
+        (stored, weight_scale),
+        partial(_check_experts, each),
+        partial(_orthogonalize_experts, each),
+    )
+
+
 def find_quantized_weight(module_or_tensors, out_features: int | None = None) -> QuantizedWeight | None:
     """The quantized weight held by a module, mapping or tensor; None when it holds none.
 
     Recognized by attributes, so that the quantization libraries need not be installed here:
-      * a torchao int8 tensor (qdata int8 [N, K], scale [N, 1]), or a module whose weight is one
+      * a torchao Int8Tensor (qdata int8 [N, K], scale [N, 1]) or Float8Tensor (qdata
+        float8_e4m3fn, scale [1, 1], [N, 1] or [N / 128, K / 128]; W = qdata * scale), or a
+        module whose weight is one
       * bitsandbytes Linear8bitLt (weight.CB / weight.SCB, or state.CB / state.SCB)
       * bitsandbytes Linear4bit (weight.quant_state; NF4 or FP4, nested or not)
       * a module or mapping with qweight, qzeros, scales (and optional g_idx): GPTQ or AWQ,
@@ -228,14 +359,14 @@ def find_quantized_weight(module_or_tensors, out_features: int | None = None) ->
     weight = target if isinstance(target, torch.Tensor) else _attr(target, "weight")
 
     if isinstance(_attr(weight, "qdata"), torch.Tensor) and isinstance(_attr(weight, "scale"), torch.Tensor):
-        return _torchao_int8(weight)
+        return _torchao(weight.qdata, weight.scale)
     found = _bitsandbytes_int8(target) or _bitsandbytes_4bit(target)
     if found is not None:
         return found
     if all(isinstance(_attr(target, name), torch.Tensor) for name in ("qweight", "qzeros", "scales")):
         return _gptq_or_awq(target, out_features)
     if isinstance(weight, torch.Tensor) and weight.dtype == torch.float8_e4m3fn:
-        return _fp8(target, weight)
+        return _fp8(weight.data, _fp8_scale(target, "weight"))
     return None
 
 
@@ -258,8 +389,8 @@ def orthogonalize_quantized_(module_or_tensors, direction: torch.Tensor, scale: 
     if quantized is None:
         raise TypeError(
             f"{type(module_or_tensors).__name__} is not a recognized quantized weight: expected bitsandbytes "
-            "Linear8bitLt/Linear4bit, GPTQ/AWQ qweight/qzeros/scales, a torchao int8 tensor, or an fp8 weight "
-            "with weight_scale(_inv)"
+            "Linear8bitLt/Linear4bit, GPTQ/AWQ qweight/qzeros/scales, a torchao int8 or float8 tensor, or an fp8 "
+            "weight with weight_scale(_inv)"
         )
     quantized.orthogonalize_(direction, scale)
     return module_or_tensors

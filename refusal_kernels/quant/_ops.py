@@ -16,6 +16,8 @@ from ..ops import _check_data_once, _nonzero_finite_rows
 
 FP8_BLOCK = 128
 TRITON_FORMATS = ("int8", "gptq", "fp8")
+# GPTQ's qzeros hold z - zero_min: "v1" stores zero points minus 1, "v2" stores them as is.
+GPTQ_ZEROS_FORMATS = {"v1": 1, "v2": 0}
 
 
 def run(fmt: str, reference_: Callable, direction: torch.Tensor, *args) -> None:
@@ -48,6 +50,15 @@ def g_idx_problem(g_idx: torch.Tensor, num_groups: int) -> str | None:
     if low < 0 or high >= num_groups:
         return f"holds groups in [{low}, {high}] but scales has {num_groups} groups"
     return None
+
+
+def gptq_zero_min(zeros_format: str) -> int:
+    """The smallest zero point GPTQ's qzeros can hold in `zeros_format` (what a stored 0 reads back as)."""
+    if zeros_format not in GPTQ_ZEROS_FORMATS:
+        raise ValueError(
+            f"zeros_format must be 'v1' (qzeros hold zero - 1) or 'v2' (qzeros hold the zero), got {zeros_format!r}"
+        )
+    return GPTQ_ZEROS_FORMATS[zeros_format]
 
 
 def _check_dtype(t: torch.Tensor, name: str, dtypes: tuple[torch.dtype, ...]) -> None:
@@ -105,7 +116,8 @@ def _check_int4_groups(qzeros, scales, num_groups: int, out_features: int, qweig
     _check_shape(scales, "scales", (num_groups, out_features), "[groups, out]")
 
 
-def check_gptq(qweight, qzeros, scales, g_idx, direction, group_size, scale) -> None:
+def check_gptq(qweight, qzeros, scales, g_idx, direction, group_size, scale, zeros_format="v1") -> None:
+    gptq_zero_min(zeros_format)
     _check_storage(qweight, "qweight", (torch.int32,), qweight)
     if qweight.dim() != 2:
         raise ValueError(f"qweight must be 2-D [in / 8, out], got shape {tuple(qweight.shape)}")
@@ -134,14 +146,14 @@ def fp8_block_shape(weight: torch.Tensor, weight_scale: torch.Tensor) -> tuple[i
     """(rows, cols) of the block that shares one scale, from weight_scale's shape."""
     out_features, in_features = weight.shape
     shape = tuple(weight_scale.shape)
-    if weight_scale.numel() == 1 and weight_scale.dim() <= 1:
+    if weight_scale.numel() == 1:
         return out_features, in_features
     if shape in ((out_features,), (out_features, 1)):
         return 1, in_features
     if shape == (-(-out_features // FP8_BLOCK), -(-in_features // FP8_BLOCK)):
         return FP8_BLOCK, FP8_BLOCK
     raise ValueError(
-        f"weight_scale shape {shape} matches no granularity of weight {tuple(weight.shape)}: expected () or (1,) "
+        f"weight_scale shape {shape} matches no granularity of weight {tuple(weight.shape)}: expected one element "
         f"per tensor, ({out_features},) or ({out_features}, 1) per row, or "
         f"({-(-out_features // FP8_BLOCK)}, {-(-in_features // FP8_BLOCK)}) per {FP8_BLOCK}x{FP8_BLOCK} block"
     )
@@ -197,8 +209,8 @@ def _(qweight, row_scale, direction, scale=1.0, absmax_scale=False):
 
 
 @torch.library.register_fake("refusal::orthogonalize_gptq")
-def _(qweight, qzeros, scales, g_idx, direction, group_size, scale=1.0):
-    check_gptq(qweight, qzeros, scales, g_idx, direction, group_size, scale)
+def _(qweight, qzeros, scales, g_idx, direction, group_size, scale=1.0, zeros_format="v1"):
+    check_gptq(qweight, qzeros, scales, g_idx, direction, group_size, scale, zeros_format)
 
 
 @torch.library.register_fake("refusal::orthogonalize_awq")

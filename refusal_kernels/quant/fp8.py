@@ -2,10 +2,11 @@
 
 Layout (W is [out, in] as in nn.Linear):
   weight        float8_e4m3fn [out, in], row-major, finite values in [-448, 448]
-  weight_scale  float32 (or bfloat16/float16), the dequantization multiplier ("scale_inv"),
+  weight_scale  float32 (or bfloat16/float16), the dequantization multiplier ("scale_inv";
+                torchao's Float8Tensor.scale is the same multiplier),
                 W[i, j] = weight[i, j] * weight_scale[block of (i, j)]; its shape sets the
                 granularity:
-                  [] or [1]                                 per tensor
+                  one element ([], [1], [1, 1], ...)        per tensor (torchao: [1, 1])
                   [out] or [out, 1]                         per row
                   [ceil(out / 128), ceil(in / 128)]         per 128 x 128 block (DeepSeek-V3,
                                                             compressed-tensors "block")

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from ...quant import _common, fp8, gptq, int8
-from ...quant._ops import check_fp8, check_gptq, check_int8
+from ...quant._ops import check_fp8, check_gptq, check_int8, gptq_zero_min
 from ...reference import unit
 
 TILE_ROWS = 32
@@ -255,9 +255,9 @@ def _gptq_requantize(
     tl.store(qweight_ptr + p * out + i, packed, mask=in_range)
 
 
-def orthogonalize_gptq_(qweight, qzeros, scales, g_idx, direction, group_size, scale=1.0) -> None:
+def orthogonalize_gptq_(qweight, qzeros, scales, g_idx, direction, group_size, scale=1.0, zeros_format="v1") -> None:
     """Triton refusal::orthogonalize_gptq (layout: refusal_kernels.quant.gptq)."""
-    check_gptq(qweight, qzeros, scales, g_idx, direction, group_size, scale)
+    check_gptq(qweight, qzeros, scales, g_idx, direction, group_size, scale, zeros_format)
     packed_rows, out = qweight.shape
     in_features, groups = 8 * packed_rows, scales.shape[0]
     device = qweight.device
@@ -267,7 +267,7 @@ def orthogonalize_gptq_(qweight, qzeros, scales, g_idx, direction, group_size, s
     group_start[1:] = torch.bincount(group, minlength=groups).cumsum(0)
     d = unit(direction).contiguous()
     step = scales.float().contiguous()
-    zero = gptq.unpack_zeros(qzeros).float()
+    zero = gptq.unpack_zeros(qzeros, zeros_format).float()
     storage = (qweight, step, zero, group)
     c = torch.empty(in_features, dtype=torch.float32, device=device)
     _gptq_column_dot[(triton.cdiv(in_features, TILE_COLS),)](
@@ -278,9 +278,9 @@ def orthogonalize_gptq_(qweight, qzeros, scales, g_idx, direction, group_size, s
     _gptq_group_range[(groups, triton.cdiv(out, TILE_COLS))](
         *storage, members, group_start, d, c, low, high, float(scale), out, TI=TILE_COLS, TJ=TILE_ROWS
     )
-    new_step, new_zero = _common.asymmetric_int4_scale_zero(low, high, gptq.ZERO_MIN, scales.dtype)
+    new_step, new_zero = _common.asymmetric_int4_scale_zero(low, high, gptq_zero_min(zeros_format), scales.dtype)
     _gptq_requantize[(packed_rows, triton.cdiv(out, TILE_COLS))](
         qweight, step, zero, new_step.float(), new_zero.float(), group, d, c, float(scale), out, TI=TILE_COLS
     )
     scales.copy_(new_step)
-    qzeros.copy_(gptq.pack_zeros(new_zero))
+    qzeros.copy_(gptq.pack_zeros(new_zero, zeros_format))
