@@ -238,6 +238,24 @@ def _relative_projection_norm(model: nn.Module, direction: torch.Tensor) -> floa
     return float((states @ reference.unit(direction)).norm() / states.norm())
 
 
+def _assert_close_to_the_quantized_reference(
+    label, quantized, reference_model, direction, quantization_error, projection_before, note=""
+):
+    """The model edited in place against `reference_model` (orthogonalized in fp32, then quantized):
+    logits within ROUNDINGS_BOUND times the format's own quantization error, and the residual along
+    r within NOISE_BOUND times the reference's rounding noise."""
+    gap = _relative_difference(_forward(quantized), _forward(reference_model))
+    projection_after = _relative_projection_norm(quantized, direction)
+    noise = _relative_projection_norm(reference_model, direction)
+    print(
+        f"{label}: logit gap {gap:.2e}, quantization error {quantization_error:.2e} "
+        f"(ratio {gap / quantization_error:.2f}); {note}residual along r {projection_before:.3f} -> "
+        f"{projection_after:.4f} (rounding noise {noise:.4f})"
+    )
+    assert 0 < gap <= ROUNDINGS_BOUND * quantization_error
+    assert projection_after <= NOISE_BOUND * noise < projection_before
+
+
 @pytest.fixture(scope="module")
 def base():
     model = tiny_model("llama")
@@ -261,18 +279,17 @@ def test_in_place_edit_is_within_the_formats_quantization_error(base, fmt):
     written = {name: fmt for name, fmt in formats.items() if name.rsplit(".", 2)[-2] in WRITER_NAMES}
     assert len(written) == 4 and set(written.values()) == {case.format}
     assert formats["model.embed_tokens.weight"] is None  # the embedding stays on the float path
-    gap = _relative_difference(_forward(quantized), _forward(reference_model))
     along_r = _largest_write_along_r_in_rounding_bounds(quantized, direction, case.half_step)
-    projection_after = _relative_projection_norm(quantized, direction)
-    noise = _relative_projection_norm(reference_model, direction)
-    print(
-        f"{fmt}: logit gap {gap:.2e}, quantization error {quantization_error:.2e} "
-        f"(ratio {gap / quantization_error:.2f}); largest write along r {along_r:.2f} of its rounding bound; "
-        f"residual along r {projection_before:.3f} -> {projection_after:.4f} (rounding noise {noise:.4f})"
+    _assert_close_to_the_quantized_reference(
+        fmt,
+        quantized,
+        reference_model,
+        direction,
+        quantization_error,
+        projection_before,
+        f"largest write along r {along_r:.2f} of its rounding bound; ",
     )
-    assert 0 < gap <= ROUNDINGS_BOUND * quantization_error
     assert along_r <= 1.0
-    assert projection_after <= NOISE_BOUND * noise < projection_before
 
 
 @pytest.mark.parametrize("fmt", CASES)
@@ -430,16 +447,9 @@ def test_quantized_fused_experts_are_edited_in_place(family, fmt):
         # Each expert is within half a step of a weight with no component along r.
         along_r = torch.einsum("i,eij->ej", unit, _experts_dequantized(module)).abs()
         assert (along_r <= torch.einsum("i,eij->ej", unit.abs(), _experts_half_step(module)) * 1.001 + 1e-5).all()
-    gap = _relative_difference(_forward(quantized), _forward(reference_model))
-    projection_after = _relative_projection_norm(quantized, direction)
-    noise = _relative_projection_norm(reference_model, direction)
-    print(
-        f"{family} {fmt}: logit gap {gap:.2e}, quantization error {quantization_error:.2e} "
-        f"(ratio {gap / quantization_error:.2f}); residual along r {projection_before:.3f} -> "
-        f"{projection_after:.4f} (rounding noise {noise:.4f})"
+    _assert_close_to_the_quantized_reference(
+        f"{family} {fmt}", quantized, reference_model, direction, quantization_error, projection_before
     )
-    assert 0 < gap <= ROUNDINGS_BOUND * quantization_error
-    assert projection_after <= NOISE_BOUND * noise < projection_before
 
 
 def _state_tensors(module: nn.Module) -> list[torch.Tensor]:

@@ -91,27 +91,26 @@ def _declared(target, *names: str) -> int | None:
     return next((int(v) for name in names if isinstance(v := _attr(target, name), int)), None)
 
 
+# torchao's qdata dtype -> (format name, the op's check, the op).
+_TORCHAO_FORMATS = {
+    torch.int8: ("torchao-int8", check_int8, int8.orthogonalize_),
+    torch.float8_e4m3fn: ("torchao-fp8", check_fp8, fp8.orthogonalize_),
+}
+
+
 def _torchao(qdata: torch.Tensor, scale: torch.Tensor, tensor_name: str = "weight") -> QuantizedWeight:
     """A torchao Int8Tensor or Float8Tensor's (qdata, scale): W = qdata * scale, one scale per block of qdata."""
-    if qdata.dtype == torch.int8:
-        return QuantizedWeight(
-            "torchao-int8",
-            tensor_name,
-            tuple(qdata.shape),
-            (qdata, scale),
-            partial(check_int8, qdata, scale),
-            partial(int8.orthogonalize_, qdata, scale),
-        )
-    if qdata.dtype == torch.float8_e4m3fn:
-        return QuantizedWeight(
-            "torchao-fp8",
-            tensor_name,
-            tuple(qdata.shape),
-            (qdata, scale),
-            partial(check_fp8, qdata, scale),
-            partial(fp8.orthogonalize_, qdata, scale),
-        )
-    raise TypeError(f"only int8 and float8_e4m3fn torchao tensors are supported, got qdata of dtype {qdata.dtype}")
+    if qdata.dtype not in _TORCHAO_FORMATS:
+        raise TypeError(f"only int8 and float8_e4m3fn torchao tensors are supported, got qdata of dtype {qdata.dtype}")
+    name, check, orthogonalize_ = _TORCHAO_FORMATS[qdata.dtype]
+    return QuantizedWeight(
+        name,
+        tensor_name,
+        tuple(qdata.shape),
+        (qdata, scale),
+        partial(check, qdata, scale),
+        partial(orthogonalize_, qdata, scale),
+    )
 
 
 def _bitsandbytes_int8(module) -> QuantizedWeight | None:
