@@ -178,17 +178,14 @@ def heretic_metrics(model, tokenizer, sets, base_logits=None) -> dict:
     """heretic's score: refusals of 100 greedy 100-token answers (its markers) and the first-token KL
     on 100 harmless prompts, both with its system prompt."""
     from refusal_kernels.pipeline import judge
-    from refusal_kernels.pipeline.scoring import last_token_logits
+    from refusal_kernels.pipeline.scoring import kl_from_base, last_token_logits
 
     tokenizer = WithSystemPrompt(tokenizer, HERETIC_SYSTEM_PROMPT)
     started = time.perf_counter()
     answers = judge.generate(model, tokenizer, sets["harmful_val"], max_new_tokens=EVAL_TOKENS, batch_size=25)
     with torch.inference_mode():
         logits = last_token_logits(model, tokenizer, sets["harmless_val"], batch_size=25)
-    kl = None
-    if base_logits is not None:
-        log_p, log_q = torch.log_softmax(base_logits, -1), torch.log_softmax(logits, -1)
-        kl = float((log_p.exp() * (log_p - log_q)).sum(-1).mean())
+    kl = None if base_logits is None else float(kl_from_base(torch.log_softmax(base_logits, -1), logits).mean())
     refusals = sum(heretic_is_refusal(text) for text in answers.texts)
     return {"refusals": refusals, "kl": kl, "logits": logits, "seconds": time.perf_counter() - started}
 
@@ -203,7 +200,9 @@ def run(trials: int, out: Path, verify: bool = True) -> dict:
     model, tokenizer = hf.load_model(str(models.default_gguf_path()), dtype=torch.float32)
     load_seconds = time.perf_counter() - clock
     heretic = heretic_command()
-    if heretic:  # heretic reads a checkpoint: the same weights, saved before anything is edited
+    if not heretic:
+        print("heretic-llm is not installed: comparing with its reference figures (HERETIC_REFERENCE)")
+    else:  # heretic reads a checkpoint: the same weights, saved before anything is edited
         hf.save_abliterated(model, tokenizer, out / "heretic" / "model", metadata={"edited": False})
 
     clock = time.perf_counter()
@@ -302,8 +301,6 @@ def print_comparison(report: dict) -> None:
 @pytest.mark.slow
 @pytest.mark.skipif(not os.environ.get("REFUSAL_KERNELS_BENCH_SEARCH"), reason="set REFUSAL_KERNELS_BENCH_SEARCH=1")
 def test_search_vs_heretic(tmp_path):
-    if not heretic_command():
-        print("heretic-llm is not installed: comparing with its reference figures (HERETIC_REFERENCE)")
     # Reported, not asserted: times depend on the machine; the ratios are in the printed comparison.
     print_comparison(run(trials=4, out=tmp_path))
 
@@ -317,8 +314,6 @@ def main(argv=None) -> int:
         "--reverify", action="store_true", help="only score again the front of the search already saved in --out"
     )
     args = parser.parse_args(argv)
-    if not heretic_command():
-        print("heretic-llm is not installed: comparing with its reference figures (see HERETIC_REFERENCE)")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     print_comparison(reverify(out) if args.reverify else run(args.trials, out, verify=not args.no_verify))
