@@ -1,7 +1,7 @@
 """Algebraic properties of the ops on random shapes and strides (hypothesis)."""
 
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import refusal_kernels as rk
@@ -70,14 +70,21 @@ def test_orthogonalize_is_ablate_on_the_transpose(case):
 
 @SETTINGS
 @given(rows_and_direction(), st.sampled_from(["column", "row"]), st.floats(0.1, 2.0))
+# Found by hypothesis: one row along d, a scale just above 1 keeps 1.6 % of it.
+@example((torch.tensor([1.5410, -0.2934]), torch.tensor([-2.1788, 0.5684])), "row", 1.015625)
 def test_norm_preserving_keeps_the_norms(case, axis, scale):
     x, _ = case
     weight = x.reshape(-1, x.shape[-1]) if x.dim() != 2 else x
     dim = 0 if axis == "column" else 1
     norms = weight.norm(dim=dim)
-    rk.orthogonalize_norm_preserving_(weight, torch.randn(weight.shape[0]), scale, axis)
+    direction = torch.randn(weight.shape[0])
+    # The fraction f of each vector's norm that the update keeps, before the rescaling: the fp32
+    # identity that gives the updated norm, ||v||^2 - (2s - s^2) c^2, loses about 2^-24 / f^2.
+    vectors = weight if axis == "column" else weight / weight.norm(dim=1, keepdim=True).clamp_min(1e-30)
+    kept_fraction = rk.reference.orthogonalize(vectors, direction, scale).norm(dim=dim) / vectors.norm(dim=dim)
+    rk.orthogonalize_norm_preserving_(weight, direction, scale, axis)
     assert torch.isfinite(weight).all()
     # A vector that the update empties (possible for d_model = 1 or d_in = 1) becomes zero.
     after = weight.norm(dim=dim)
-    kept = (after - norms).abs() <= 1e-4 * (1 + norms)
+    kept = (after - norms).abs() <= 1e-4 * (1 + norms) + 2**-20 * norms / kept_fraction.square()
     assert (kept | (after == 0)).all()
