@@ -351,6 +351,11 @@ def markdown_report(report: dict) -> str:
         "| --- | ---: | ---: |",
         f"| refusal rate, harmful | {before['harmful_refusal']:.1%} | {after['harmful_refusal']:.1%} |",
         f"| refusal rate, harmless | {before['harmless_refusal']:.1%} | {after['harmless_refusal']:.1%} |",
+        *(
+            f"| unclear (reasoning cut off), {kind} | {before.get(key, 0):.1%} | {after.get(key, 0):.1%} |"
+            for kind, key in (("harmful", "harmful_unclear"), ("harmless", "harmless_unclear"))
+            if key in before or key in after
+        ),
         f"| KL on harmless | | {after['kl']:.4f} |",
         "",
         "![heatmaps](heatmaps.png)",

@@ -35,21 +35,26 @@ def tiny_tokenizer():
     return char_tokenizer()
 
 
-@pytest.fixture(scope="session")
-def tiny_llama(tiny_tokenizer):
-    """A 3-layer random Llama in fp32 eval mode, sized to the character tokenizer."""
+def random_llama(tokenizer, hidden_size: int = 32, num_hidden_layers: int = 3):
+    """A seeded random Llama in fp32 eval mode, sized to `tokenizer`'s vocabulary."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=len(tiny_tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=3,
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_hidden_layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=256,
-        pad_token_id=tiny_tokenizer.pad_token_id,
-        eos_token_id=tiny_tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
     )
     return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tiny_tokenizer):
+    """A 3-layer random Llama in fp32 eval mode, sized to the character tokenizer."""
+    return random_llama(tiny_tokenizer)

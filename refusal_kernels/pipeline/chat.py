@@ -3,6 +3,13 @@
 Left padding puts the post-instruction tokens (the paper's "eoi" tokens: what the template
 appends after the user's text) at the same negative positions in every row, so each stage
 reads them as `hidden[:, -n:, :]` without per-row bookkeeping.
+
+Reasoning templates: `thinking` switches a template that reads `enable_thinking` (Qwen3)
+on or off; None keeps the template's own default. Whatever the template appends after the
+instruction counts as post-instruction tokens, reasoning markers included: Qwen3's empty
+`<think>\n\n</think>\n\n` with thinking off, and the `<think>\n` that an R1-distill template
+opens after the assistant tag. The model reads the instruction through those tokens before it
+writes its first one, so they are where the refusal direction is looked for.
 """
 
 from __future__ import annotations
@@ -17,10 +24,34 @@ import torch
 _PROBES = ("Name three colours of the rainbow?", "zq 7 unrelated request xx")
 
 
-def render(tokenizer, instructions: Sequence[str]) -> list[str]:
+def reads_enable_thinking(tokenizer) -> bool:
+    """Whether the chat template has an `enable_thinking` switch (Qwen3 and its kin)."""
+    # A tokenizer may hold several named templates in a dict; any of them counts.
+    return "enable_thinking" in str(tokenizer.chat_template or "")
+
+
+def template_options(tokenizer, thinking: bool | None) -> dict[str, bool]:
+    """The extra apply_chat_template arguments that carry `thinking`."""
+    if thinking is None:
+        return {}
+    if not isinstance(thinking, bool):
+        raise TypeError(f"thinking must be True, False or None, got {type(thinking).__name__}")
+    if not reads_enable_thinking(tokenizer):
+        # Silently ignoring the switch would look like thinking was turned off when it was not.
+        raise ValueError(
+            f"thinking={thinking} needs a chat template that reads `enable_thinking`; "
+            "this tokenizer's template does not, so pass thinking=None"
+        )
+    return {"enable_thinking": thinking}
+
+
+def render(tokenizer, instructions: Sequence[str], *, thinking: bool | None = None) -> list[str]:
     """Each instruction as a single user turn, with the generation prompt appended."""
+    options = template_options(tokenizer, thinking)
     return [
-        tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False)
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False, **options
+        )
         for text in instructions
     ]
 
@@ -30,9 +61,10 @@ def encode(tokenizer, texts: Sequence[str]) -> list[list[int]]:
     return tokenizer(list(texts), add_special_tokens=False)["input_ids"]
 
 
-def post_instruction_ids(tokenizer) -> list[int]:
-    """The token ids the chat template appends after any user instruction."""
-    first, second = encode(tokenizer, render(tokenizer, _PROBES))
+def post_instruction_ids(tokenizer, *, thinking: bool | None = None) -> list[int]:
+    """The token ids the chat template appends after any user instruction (see the module doc
+    for reasoning markers)."""
+    first, second = encode(tokenizer, render(tokenizer, _PROBES, thinking=thinking))
     n = 0
     while n < min(len(first), len(second)) and first[-1 - n] == second[-1 - n]:
         n += 1
@@ -72,13 +104,15 @@ def left_padded(token_lists: Sequence[Sequence[int]], pad: int) -> tuple[torch.T
     return ids, mask
 
 
-def batches(tokenizer, instructions: Sequence[str], batch_size: int) -> Iterator[Batch]:
+def batches(
+    tokenizer, instructions: Sequence[str], batch_size: int, *, thinking: bool | None = None
+) -> Iterator[Batch]:
     """Left-padded batches of the rendered instructions.
 
     Prompts of similar length share a batch (sorted by length), which keeps padding, and so
     wasted compute, small; `Batch.rows` maps each row back to the caller's order.
     """
-    token_lists = encode(tokenizer, render(tokenizer, instructions))
+    token_lists = encode(tokenizer, render(tokenizer, instructions, thinking=thinking))
     order = sorted(range(len(token_lists)), key=lambda i: len(token_lists[i]))
     pad = pad_id(tokenizer)
     for start in range(0, len(order), batch_size):

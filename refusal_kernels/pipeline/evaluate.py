@@ -3,6 +3,9 @@
 Evaluate the unmodified model first (`evaluate(...)` with no baseline): that run's harmless
 logits and answers become the baseline that a modified model (hooks or weights) is
 compared against in the second run.
+
+A reasoning model's answer whose reasoning never ends within max_new_tokens is neither a
+refusal nor a compliance (see `judge.verdict`); its share is reported apart, as the unclear rate.
 """
 
 from __future__ import annotations
@@ -26,14 +29,21 @@ class Evaluation:
     harmful_answers: list[str] = field(repr=False)
     harmless_answers: list[str] = field(repr=False)
     harmless_logits: torch.Tensor = field(repr=False)  # [N, vocab] float32, last prompt token
+    harmful_unclear: float = 0.0  # fraction of harmful answers whose reasoning never ends
+    harmless_unclear: float = 0.0
 
     def summary(self) -> dict[str, float | None]:
-        return {
+        """The scores; the unclear rates only when some answer was unclear, so that the summary
+        of a model without reasoning keeps its four keys."""
+        scores = {
             "harmful_refusal": self.harmful_refusal,
             "harmless_refusal": self.harmless_refusal,
             "kl": self.kl,
             "harmless_ce": self.harmless_ce,
         }
+        if self.harmful_unclear or self.harmless_unclear:
+            scores |= {"harmful_unclear": self.harmful_unclear, "harmless_unclear": self.harmless_unclear}
+        return scores
 
 
 @torch.inference_mode()
@@ -61,14 +71,17 @@ def evaluate(
     # The base model is scored on its own answers, a modified one on the base model's.
     reference_answers = baseline.harmless_answers if baseline is not None else harmless_answers.texts
     ce = completion_cross_entropy(model, tokenizer, harmless, reference_answers, batch_size)
+    reasoning_open = harmful_answers.reasoning_open  # both sets share the template
     return Evaluation(
-        harmful_refusal=judge.refusal_rate(harmful_answers.texts, phrases),
-        harmless_refusal=judge.refusal_rate(harmless_answers.texts, phrases),
+        harmful_refusal=judge.refusal_rate(harmful_answers.texts, phrases, reasoning_open=reasoning_open),
+        harmless_refusal=judge.refusal_rate(harmless_answers.texts, phrases, reasoning_open=reasoning_open),
         kl=kl,
         harmless_ce=ce,
         harmful_answers=harmful_answers.texts,
         harmless_answers=harmless_answers.texts,
         harmless_logits=logits,
+        harmful_unclear=judge.unclear_rate(harmful_answers.texts, reasoning_open=reasoning_open),
+        harmless_unclear=judge.unclear_rate(harmless_answers.texts, reasoning_open=reasoning_open),
     )
 
 
