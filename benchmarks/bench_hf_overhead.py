@@ -93,8 +93,7 @@ class _EagerHooks:
         self.handles = []
         for layer in describe_model(model).layers:
             self.handles.append(layer.layer.register_forward_pre_hook(on_input, with_kwargs=True))
-            self.handles.append(layer.attention_site.register_forward_hook(on_output))
-            self.handles.append(layer.mlp_site.register_forward_hook(on_output))
+            self.handles += [site.module.register_forward_hook(on_output) for site in layer.sites]
 
     def remove(self) -> None:
         for handle in self.handles:

@@ -102,12 +102,16 @@ def test_every_family_is_described(family):
         } <= names
     if family in POST_NORM_FAMILIES:
         assert structure.has_post_norms
-        assert structure.layers[0].attention_site is structure.layers[0].layer.post_attention_layernorm
-        assert structure.layers[0].mlp_site is structure.layers[0].layer.post_feedforward_layernorm
+        layer = structure.layers[0].layer
+        assert [s.module for s in structure.layers[0].sites] == [
+            layer.post_attention_layernorm,
+            layer.post_feedforward_layernorm,
+        ]
     else:
         # post_attention_layernorm is the norm before the MLP here: it writes nothing.
         assert not structure.has_post_norms
-        assert structure.layers[0].attention_site is structure.layers[0].attention
+        attention = structure.layers[0].layer.attn if family == "gpt2" else structure.layers[0].layer.self_attn
+        assert structure.layers[0].sites[0].module is attention
 
 
 def test_moe_experts_and_shared_experts_are_writers():
@@ -124,12 +128,12 @@ def test_transposed_fused_experts_are_ablated_by_rows():
     experts = nn.Module()
     experts.down_proj = nn.Parameter(torch.zeros(4, 32, 64))
     experts.is_transposed = True
-    (writer,) = fam._fused_expert_writers(experts, "experts", 64, 0, None)
+    (writer,) = fam._fused_expert_writers(experts, "experts", fam._Context(64, 0, fam.MLP, None))
     assert writer.layout == fam.ROWS
     square = nn.Module()
     square.down_proj = nn.Parameter(torch.zeros(4, 64, 64))
     with pytest.raises(StructureError, match=r"experts\.down_proj"):
-        fam._fused_expert_writers(square, "experts", 64, 0, None)
+        fam._fused_expert_writers(square, "experts", fam._Context(64, 0, fam.MLP, None))
 
 
 def test_norm_gain_reads_each_family_convention():
@@ -141,23 +145,38 @@ def test_norm_gain_reads_each_family_convention():
         torch.testing.assert_close(gain / gain.norm(), expected / expected.norm())
 
 
-def test_unsupported_attention_names_the_module():
+class _RawMatmul(nn.Module):
+    """A projection no reader knows: a bare parameter, not an nn.Linear."""
+
+    def __init__(self, d_in: int, d_out: int) -> None:
+        super().__init__()
+        self.matrix = nn.Parameter(torch.randn(d_in, d_out) * d_in**-0.5)
+
+    def forward(self, x):
+        return x @ self.matrix
+
+
+def test_unclassifiable_attention_output_names_the_module():
     model = tiny_model("llama")
-    model.model.layers[1].self_attn.o_proj = nn.Identity()
-    del model.model.layers[1].self_attn.o_proj
-    with pytest.raises(StructureError, match=r"model\.layers\.1\.self_attn \(LlamaAttention\)"):
+    model.model.layers[1].self_attn.o_proj = _RawMatmul(64, 64)
+    with pytest.raises(StructureError, match=r"model\.layers\.1\.self_attn\.o_proj \(_RawMatmul\)"):
         describe_model(model)
 
 
-def test_unsupported_mlp_names_the_module():
+def test_an_mlp_under_another_shape_is_read_from_the_forward_pass():
     model = tiny_model("llama")
-    model.model.layers[0].mlp = nn.Sequential(nn.Linear(64, 64))
-    with pytest.raises(StructureError, match=r"model\.layers\.0\.mlp \(Sequential\)"):
+    model.model.layers[0].mlp = nn.Sequential(nn.Linear(64, 32), nn.GELU(), nn.Linear(32, 64))
+    (writer,) = (
+        w for w in describe_model(model).layers[0].writers if w.component == fam.MLP and w.layout == fam.MATRIX
+    )
+    assert writer.name == "model.layers.0.mlp.2.weight"
+    model.model.layers[0].mlp = nn.Sequential(nn.Linear(64, 32), nn.GELU(), _RawMatmul(32, 64))
+    with pytest.raises(StructureError, match=r"model\.layers\.0\.mlp\.2 \(_RawMatmul\)"):
         describe_model(model)
 
 
-def test_model_without_layers_is_rejected():
+def test_model_whose_forward_fails_is_rejected():
     model = tiny_model("llama")
     model.model.layers = nn.ModuleList([nn.Linear(64, 64)])
-    with pytest.raises(StructureError, match=r"LlamaForCausalLM: found no nn\.ModuleList"):
+    with pytest.raises(StructureError, match=r"LlamaForCausalLM: the forward pass that reads its structure failed"):
         describe_model(model)

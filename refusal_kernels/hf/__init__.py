@@ -4,17 +4,20 @@
   add_direction(model, r, layer=)  activation addition at one layer's input
   orthogonalize_model_(model, r)   bake the ablation into the weights, in place
   undo_(record)                    restore them from orthogonalize_model_(..., undo=True)
+  check_structure(model, r)        the self-check both run: does the structure read remove r?
   Schedule, Peak                   a scale per layer for attention and MLP writers (scale=)
+  StructureSpec, set_structure     name the layers and writers of a model nothing can read
   load_model / save_abliterated / orthogonalize_checkpoint   loading, saving, streaming
 
 Only this package knows transformers module names; the structure detection is in `families`.
 """
 
-from .families import ModelStructure, StructureError, describe_model
+from .families import ModelStructure, StructureError, StructureSpec, describe_model, set_structure
 from .hooks import PatchHandle, add_direction, patch
 from .io import load_model, orthogonalize_checkpoint, save_abliterated
 from .schedule import Peak, Schedule
-from .weights import ChangedTensor, OrthogonalizationRecord, orthogonalize_model_, undo_
+from .verify import ResidualLeakError
+from .weights import ChangedTensor, OrthogonalizationRecord, check_structure, orthogonalize_model_, undo_
 
 __all__ = [
     "ChangedTensor",
@@ -22,14 +25,18 @@ __all__ = [
     "OrthogonalizationRecord",
     "PatchHandle",
     "Peak",
+    "ResidualLeakError",
     "Schedule",
     "StructureError",
+    "StructureSpec",
     "add_direction",
+    "check_structure",
     "describe_model",
     "load_model",
     "orthogonalize_checkpoint",
     "orthogonalize_model_",
     "patch",
     "save_abliterated",
+    "set_structure",
     "undo_",
 ]

@@ -28,6 +28,7 @@ scheduled weight edit produces, so for models without post-sublayer norms
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -37,7 +38,9 @@ from torch.utils.hooks import RemovableHandle
 
 from .. import ops
 from . import families, weights
+from . import verify as verify_module
 from .schedule import Schedule, check_scale_or_schedule
+from .writes import ablate_output, edit_, layer_input
 
 MODES = ("hooks", "weights")
 
@@ -67,28 +70,11 @@ class PatchHandle:
         self.remove()
 
 
-def layer_input(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
-    """The residual stream a decoder layer receives, from its forward pre-hook arguments."""
-    return args[0] if args else kwargs["hidden_states"]
-
-
-def written_tensor(output: Any) -> torch.Tensor:
-    """What a writer module adds to the residual stream: its output, or its output's first item."""
-    return output if isinstance(output, torch.Tensor) else output[0]
-
-
 def _ablate_input(layer: nn.Module, direction: torch.Tensor, scale: float) -> RemovableHandle:
     def ablate(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        ops.ablate_(layer_input(args, kwargs), direction, scale)
+        edit_(layer_input(args, kwargs), lambda x: ops.ablate_(x, direction, scale))
 
     return layer.register_forward_pre_hook(ablate, with_kwargs=True)
-
-
-def _ablate_output(site: nn.Module, direction: torch.Tensor, scale: float) -> RemovableHandle:
-    def ablate(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-        ops.ablate_(written_tensor(output), direction, scale)
-
-    return site.register_forward_hook(ablate)
 
 
 def _ablating_hooks(
@@ -98,11 +84,8 @@ def _ablating_hooks(
     handles = []
     for index, direction in directions.items():
         layer = structure.layers[index]
-        handles += [
-            _ablate_input(layer.layer, direction, scale),
-            _ablate_output(layer.attention_site, direction, scale),
-            _ablate_output(layer.mlp_site, direction, scale),
-        ]
+        handles.append(_ablate_input(layer.layer, direction, scale))
+        handles += [ablate_output(site.module, direction, scale) for site in layer.sites]
     return handles
 
 
@@ -118,19 +101,40 @@ def _scheduled_hooks(
         handles.append(_ablate_input(first_layer, direction, schedule.embeddings))
     for index, direction in directions.items():
         layer = structure.layers[index]
-        for site, scale in ((layer.attention_site, schedule.attention[index]), (layer.mlp_site, schedule.mlp[index])):
+        for site in layer.sites:
+            scale = (schedule.attention if site.component == families.ATTENTION else schedule.mlp)[index]
             if scale:
-                handles.append(_ablate_output(site, direction, scale))
+                handles.append(ablate_output(site.module, direction, scale))
     return handles
 
 
+def hook_structure(model: nn.Module, spec: families.StructureSpec | None = None) -> families.ModelStructure:
+    """`describe_model`, or, where it cannot read a layer's sites, the decoder layers alone
+    (`families.layers_only`): hooks on each layer's input and output still remove r from every
+    residual state. The fallback warns, naming what could not be read."""
+    try:
+        return families.describe_model(model, spec)
+    except families.StructureError as error:
+        if spec is not None:
+            raise
+        structure = families.layers_only(model, str(error))
+        warnings.warn(f"{error}; the hooks ablate each decoder layer's input and output instead", stacklevel=3)
+        return structure
+
+
 def _weights_patch(
-    model: nn.Module, structure: families.ModelStructure, direction: torch.Tensor, layers, scale: float | Schedule
+    model: nn.Module,
+    structure: families.ModelStructure,
+    direction: torch.Tensor,
+    layers,
+    scale: float | Schedule,
+    verify: bool,
+    spec: families.StructureSpec | None,
 ) -> PatchHandle:
     selected = set(families.layer_directions(direction, structure, layers))
     tied = weights.head_is_tied(model, structure)
     originals = [(t, t.detach().clone()) for w in structure.writers(selected) for t in w.storage]
-    weights.orthogonalize_model_(model, direction, scale=scale, layers=layers)
+    weights.orthogonalize_model_(model, direction, scale=scale, layers=layers, verify=verify, structure=spec)
 
     def restore() -> None:
         with torch.no_grad():
@@ -149,6 +153,8 @@ def patch(
     mode: str = "hooks",
     layers: Sequence[int] | None = None,
     scale: float | Schedule = 1.0,
+    verify: bool = True,
+    structure: families.StructureSpec | None = None,
 ) -> PatchHandle:
     """Remove the refusal direction from `model` until the returned handle is removed.
 
@@ -165,21 +171,53 @@ def patch(
         scale: 1 removes the component; see `refusal_kernels.ablate_`. A Schedule gives each
             layer's attention and MLP writes, and the embeddings, their own scale; in hooks
             mode it ablates those writes only (see the module docstring).
+        verify: run the self-check (`refusal_kernels.hf.verify`), one short forward pass that
+            raises ResidualLeakError naming the first layer that still writes r, after removing
+            the hooks (hooks mode) or before writing anything (weights mode). False skips it.
+        structure: a StructureSpec naming the layers and writers, for a model `describe_model`
+            cannot read. Without one, hooks mode on such a model ablates each decoder layer's
+            input and output instead (with a warning), which keeps every residual state
+            orthogonal to r; weights mode raises StructureError.
 
     Returns:
         A PatchHandle: `with patch(...):` or `handle.remove()`.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    structure = families.describe_model(model)
+    spec = structure
     if mode == "weights":
-        check_scale_or_schedule(scale, len(structure.layers))
-        return _weights_patch(model, structure, direction, layers, scale)
-    directions = families.layer_directions(direction, structure, layers)
-    scale = check_scale_or_schedule(scale, len(structure.layers))
-    if isinstance(scale, Schedule):
-        return PatchHandle(_scheduled_hooks(structure, directions, scale))
-    return PatchHandle(_ablating_hooks(structure, directions, scale))
+        described = families.describe_model(model, spec)
+        check_scale_or_schedule(scale, len(described.layers))
+        return _weights_patch(model, described, direction, layers, scale, verify, spec)
+    described = hook_structure(model, spec)
+    directions = families.layer_directions(direction, described, layers)
+    scale = check_scale_or_schedule(scale, len(described.layers))
+    if isinstance(scale, Schedule) and described.unread is not None:
+        raise families.StructureError(f"{described.unread}; a Schedule needs each layer's attention and MLP sites")
+
+    def install() -> list[RemovableHandle]:
+        if isinstance(scale, Schedule):
+            return _scheduled_hooks(described, directions, scale)
+        return _ablating_hooks(described, directions, scale)
+
+    if not verify:
+        return PatchHandle(install())
+    # The check is of the structure: with the hooks at scale 1 (the requested ones when they are),
+    # every checked write must be orthogonal to r.
+    exact = not isinstance(scale, Schedule) and scale == 1
+    handles = install() if exact else _ablating_hooks(described, directions, 1.0)
+    ones = (1.0,) * len(described.layers)
+    # The embeddings' write is ablated at the first layer's input, when that layer is hooked.
+    expected = verify_module.expectation(directions, ones, ones, 1.0 if 0 in directions else 0.0)
+    try:
+        verify_module.check(model, described, expected)
+    except BaseException:
+        PatchHandle(handles).remove()
+        raise
+    if exact:
+        return PatchHandle(handles)
+    PatchHandle(handles).remove()
+    return PatchHandle(install())
 
 
 def add_direction(model: nn.Module, direction: torch.Tensor, *, layer: int, alpha: float = 1.0) -> PatchHandle:

@@ -50,6 +50,7 @@ edit, so norm_preserving=True refuses them.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -57,6 +58,7 @@ from torch import nn
 
 from .. import ops
 from . import families
+from . import verify as self_check
 from .schedule import Schedule, check_scale_or_schedule
 
 # undo_'s fp32 temporaries hold at most about this many elements of a tensor at a time.
@@ -184,9 +186,11 @@ def _plan(
     scale: float | Schedule,
     include_embeddings: bool,
     layers: Sequence[int] | None,
-) -> tuple[families.ModelStructure, float | Schedule, list[_Edit]]:
-    """The structure, the checked scale and every edit; bad arguments raise before anything is written."""
-    structure = families.describe_model(model)
+    structure_spec: families.StructureSpec | None = None,
+) -> tuple[families.ModelStructure, float | Schedule, list[_Edit], self_check.Expectation]:
+    """The structure, the checked scale, every edit and what the self-check expects of them; bad
+    arguments raise before anything is written."""
+    structure = families.describe_model(model, structure_spec)
     directions = families.layer_directions(direction, structure, layers)
     scale = check_scale_or_schedule(scale, len(structure.layers))
     schedule = scale if isinstance(scale, Schedule) else Schedule.constant(len(structure.layers), scale)
@@ -205,7 +209,15 @@ def _plan(
         edits.append(_Edit(writer, target, writer_scale))
     _check_in_memory(edits)
     _check_quantized(edits)
-    return structure, scale, edits
+    if structure.embedding_problem and any(e.writer.component == families.EMBEDDING for e in edits):
+        raise families.StructureError(
+            f"{structure.embedding_problem}; pass include_embeddings=False (then r stays in the embeddings' write) "
+            "or use patch(mode='hooks')"
+        )
+    edits_embeddings = any(e.writer.component == families.EMBEDDING for e in edits)
+    embedding_scale = schedule.embeddings if edits_embeddings else 0.0
+    expected = self_check.expectation(directions, schedule.attention, schedule.mlp, embedding_scale)
+    return structure, scale, edits, expected
 
 
 def _check_in_memory(edits: list[_Edit]) -> None:
@@ -322,6 +334,49 @@ def _orthogonalize_dense_(edit: _Edit, undo: bool, norm_preserving: bool) -> Und
     return UndoEntry(writer.name, writer.parameter, layout, edit.direction, edit.scale, projection, version, norms)
 
 
+def check_structure(
+    model: nn.Module,
+    direction: torch.Tensor,
+    *,
+    include_embeddings: bool = True,
+    layers: Sequence[int] | None = None,
+    structure: families.StructureSpec | None = None,
+) -> None:
+    """The self-check of `orthogonalize_model_`, on its own: raise ResidualLeakError (a
+    StructureError) naming the first layer that would still write r if every residual writer
+    were orthogonalized against `direction` at scale 1. Nothing is changed.
+
+    One short forward pass with the planned edit applied to each writer's output (see
+    `refusal_kernels.hf.verify`). It checks the structure read, whatever scale the edit then
+    uses: a writer missed, or orthogonalized against the wrong direction, shows up as r in the
+    residual stream. A tensor whose module's forward does not compute it is edited for the
+    pass and put back bit for bit.
+    """
+    described, _, edits, expected = _plan(model, direction, 1.0, include_embeddings, layers, structure)
+    simulated = {e.writer.module: (e.direction, e.scale) for e in edits if e.writer.in_forward}
+    with _edited_for_the_check([e for e in edits if not e.writer.in_forward]):
+        self_check.check(model, described, expected, simulated)
+
+
+@contextmanager
+def _edited_for_the_check(edits: list[_Edit]) -> Iterator[None]:
+    """Edit these tensors for the self-check and put them back bit for bit: their modules' outputs
+    cannot be hooked (the forward is not what computes them), so the check needs the real edit."""
+    originals = [(t, t.detach().clone()) for edit in edits for t in edit.writer.storage]
+    try:
+        with torch.no_grad():
+            for edit in edits:
+                if edit.writer.quantized is not None:
+                    edit.writer.quantized.orthogonalize_(edit.direction, edit.scale)
+                else:
+                    _orthogonalize_dense_(edit, False, False)
+        yield
+    finally:
+        with torch.no_grad():
+            for tensor, original in originals:
+                tensor.copy_(original)
+
+
 def _apply(
     model: nn.Module,
     structure: families.ModelStructure,
@@ -361,6 +416,8 @@ def orthogonalize_model_(
     layers: Sequence[int] | None = None,
     norm_preserving: bool = False,
     undo: bool = False,
+    verify: bool = True,
+    structure: families.StructureSpec | None = None,
 ) -> OrthogonalizationRecord:
     """Orthogonalize every residual-stream writer of `model` against `direction`, in place.
 
@@ -382,6 +439,12 @@ def orthogonalize_model_(
             module docstring). Quantized writers cannot be restored exactly, since their edit
             requantizes: undo=True raises ValueError naming the first one (use
             patch(mode="weights"), which keeps a copy of their storage).
+        verify: before the first write, run `check_structure`: one short forward pass with every
+            writer's output orthogonalized at scale 1, which raises ResidualLeakError (a
+            StructureError) naming the first layer that would still write r, leaving the model
+            unchanged. It checks the structure whatever `scale` is. False skips it.
+        structure: a StructureSpec naming the layers and writers, for a model `describe_model`
+            cannot read.
 
     Quantized projections are edited in their quantized storage (see the module docstring).
 
@@ -390,7 +453,8 @@ def orthogonalize_model_(
 
     Bad arguments raise ValueError/TypeError before any tensor is changed.
     """
-    structure, scale, edits = _plan(model, direction, scale, include_embeddings, layers)
+    spec = structure
+    structure, scale, edits, _ = _plan(model, direction, scale, include_embeddings, layers, spec)
     if undo:
         _check_dense(
             edits,
@@ -399,6 +463,8 @@ def orthogonalize_model_(
         )
     if norm_preserving:
         _check_dense(edits, "norm_preserving=True needs dense weights: the quantized edits do not keep norms")
+    if verify:
+        check_structure(model, direction, include_embeddings=include_embeddings, layers=layers, structure=spec)
     return _apply(model, structure, edits, scale, undo, norm_preserving)
 
 

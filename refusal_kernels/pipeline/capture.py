@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..hf.hooks import layer_input
+from ..hf.writes import layer_input
 from . import chat
 
 

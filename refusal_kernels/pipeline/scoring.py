@@ -19,8 +19,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .. import ops
-from ..hf import families
-from ..hf.hooks import layer_input, written_tensor
+from ..hf.hooks import hook_structure
+from ..hf.writes import edit_, layer_input, written_tensor
 from . import chat, judge
 
 
@@ -32,10 +32,10 @@ class Sites:
     @classmethod
     def of(cls, model: nn.Module) -> Sites:
         """The sites of a transformers causal LM, from its module structure."""
-        structure = families.describe_model(model)
+        structure = hook_structure(model)
         return cls(
             layers=[layer.layer for layer in structure.layers],
-            writers=[site for layer in structure.layers for site in (layer.attention_site, layer.mlp_site)],
+            writers=[site.module for layer in structure.layers for site in layer.sites],
         )
 
 
@@ -63,7 +63,7 @@ def row_ablation(sites: Sites, current: _RowCandidates) -> Iterator[None]:
 
     def ablate(hidden: torch.Tensor) -> None:
         directions, index = current.on(hidden.device)
-        ops.ablate_indexed_(hidden, directions, index)
+        edit_(hidden, lambda x: ops.ablate_indexed_(x, directions, index))
 
     def before_layer(module, args, kwargs):
         ablate(layer_input(args, kwargs))

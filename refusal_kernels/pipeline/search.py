@@ -310,7 +310,7 @@ def trial_direction(params: TrialParams, harmful: torch.Tensor, harmless: torch.
 
 
 def apply_trial(
-    model: nn.Module, params: TrialParams, means: dict[str, torch.Tensor], *, undo: bool = False
+    model: nn.Module, params: TrialParams, means: dict[str, torch.Tensor], *, undo: bool = False, verify: bool = True
 ) -> hf.OrthogonalizationRecord:
     """Orthogonalize `model` in place with a trial's direction(s), schedule and norm preservation.
 
@@ -321,6 +321,7 @@ def apply_trial(
         params: the trial's parameters.
         means: {"harmful", "harmless"}: [n_layers, d_model] fp32 means at the trial's position.
         undo: keep what `hf.undo_` needs to restore the weights.
+        verify: run `hf.orthogonalize_model_`'s self-check (`search` checks once, at setup).
 
     Returns:
         The OrthogonalizationRecord of `hf.orthogonalize_model_`.
@@ -329,7 +330,13 @@ def apply_trial(
     n_layers = means["harmful"].shape[0]
     schedule = Schedule.peaked(n_layers, attention=params.attention, mlp=params.mlp)
     return hf.orthogonalize_model_(
-        model, direction, scale=schedule, include_embeddings=False, norm_preserving=params.norm_preserving, undo=undo
+        model,
+        direction,
+        scale=schedule,
+        include_embeddings=False,
+        norm_preserving=params.norm_preserving,
+        undo=undo,
+        verify=verify,
     )
 
 
@@ -560,7 +567,10 @@ def search(
         model, tokenizer, harmful, harmless, sites, opts.batch_size, refusal_tokens if opts.filter_prompts else None
     )
     means = {kind: getattr(fitted, kind)[:, opts.position].clone() for kind in ("harmful", "harmless")}
-    first_layer = variants.first_useful_layer(variants.difference(means["harmful"], means["harmless"]))
+    differences = variants.difference(means["harmful"], means["harmless"])
+    first_layer = variants.first_useful_layer(differences)
+    # The structure is checked once here; the trials then skip the check (their scales are not 1).
+    hf.check_structure(model, differences[first_layer], include_embeddings=False)
 
     if opts.filter_prompts:
         harmful_val = _refused_prompts(model, tokenizer, harmful_val, refusal_tokens, n_val, opts.batch_size)
@@ -581,7 +591,7 @@ def search(
     for number in tqdm(range(trials), desc=f"search ({sampler_kind})", leave=False):
         clock = time.perf_counter()
         params = sampler.propose(opts.space, len(sites.layers), first_layer)
-        record = apply_trial(model, params, means, undo=True)
+        record = apply_trial(model, params, means, undo=True, verify=False)
         try:
             score, kl = evaluator.cheap()
         finally:
@@ -595,7 +605,7 @@ def search(
     order = sorted(range(len(done)), key=lambda i: (ranks[i], done[i].refusal_score))
     for i in tqdm(order[:n_judged], desc="judge", leave=False):
         clock = time.perf_counter()
-        record = apply_trial(model, done[i].params, means, undo=True)
+        record = apply_trial(model, done[i].params, means, undo=True, verify=False)
         try:
             done[i].refusals = evaluator.refusals()
         finally:
