@@ -83,6 +83,13 @@ def load(args):
     spec = resolve_model(args.model)
     started = time.perf_counter()
     model, tokenizer = hf.load_model(spec, dtype=_dtype(args.dtype), device_map=args.device_map)
+    if args.thinking is not None:
+        from .pipeline import chat
+
+        try:
+            chat.set_thinking(tokenizer, args.thinking == "on")
+        except ValueError as error:
+            raise UsageError(f"--thinking {args.thinking}: {error}") from None
     device = _device(args.device)
     if device is not None and args.device_map is None:
         model.to(device)
@@ -163,9 +170,9 @@ def obtain_direction(args, model, tokenizer, sets, spec: str):
     from .pipeline import select
     from .pipeline.report import DirectionResult
 
-    n_layers = model.config.num_hidden_layers
+    n_layers, d_model = model_shape(model)
     if args.direction:
-        direction = load_direction(args.direction, model.config.hidden_size)
+        direction = load_direction(args.direction, d_model)
         stored = DirectionResult.load(args.direction)
         stored.direction = direction
         return stored
@@ -258,8 +265,17 @@ def load_trial(spec: str, args):
     return searched, int(number)
 
 
+def model_shape(model) -> tuple[int, int]:
+    """(decoder layers, d_model) as the structure reader sees them: a multimodal config keeps
+    them in its text config."""
+    from .hf.hooks import hook_structure
+
+    structure = hook_structure(model)
+    return len(structure.layers), structure.hidden_size
+
+
 def check_trial_fits(searched, model, spec: str) -> None:
-    n_layers, d_model = model.config.num_hidden_layers, model.config.hidden_size
+    n_layers, d_model = model_shape(model)
     if (searched.n_layers, searched.d_model) != (n_layers, d_model):
         raise UsageError(
             f"--trial {spec}: the search was run on a model with {searched.n_layers} layers and d_model "
@@ -396,7 +412,7 @@ def cmd_evaluate(args) -> int:
     base = evaluate_sets(model, tokenizer, sets, args)
     summary = {"base": base.summary()}
     if args.direction:
-        direction = load_direction(args.direction, model.config.hidden_size)
+        direction = load_direction(args.direction, model_shape(model)[1])
         with hf.patch(model, direction):
             summary["ablated"] = evaluate_sets(model, tokenizer, sets, args, baseline=base).summary()
     print(json.dumps(summary, indent=2))
@@ -410,7 +426,7 @@ def cmd_chat(args) -> int:
     from .pipeline import chat as chat_format
 
     spec, model, tokenizer, _ = load(args)
-    direction = load_direction(args.direction, model.config.hidden_size) if args.direction else None
+    direction = load_direction(args.direction, model_shape(model)[1]) if args.direction else None
     handle = hf.patch(model, direction) if direction is not None else None
     print(f"chatting with {spec}; /ablate on|off toggles the direction, /quit leaves")
     print(f"ablation: {'on' if handle else 'off'}")
@@ -504,6 +520,12 @@ def build_parser() -> argparse.ArgumentParser:
         placement = p.add_mutually_exclusive_group()
         placement.add_argument("--device", help="e.g. cpu, cuda, cuda:1")
         placement.add_argument("--device-map", help="passed to accelerate, e.g. auto")
+        p.add_argument(
+            "--thinking",
+            choices=("on", "off"),
+            help="for a chat template with an enable_thinking switch (Qwen3): render every prompt with "
+            "thinking on or off (default: the template's)",
+        )
         if with_prompts:
             p.add_argument("--harmful", help="JSON, JSONL, CSV or TXT file of harmful instructions (default: built in)")
             p.add_argument("--harmless", help="the same for harmless instructions")

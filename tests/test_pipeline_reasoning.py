@@ -80,6 +80,30 @@ def test_qwen3_post_instruction_ids_differ_by_the_empty_think_block():
     assert off == on + chat.encode(tokenizer, ["<think>\n\n</think>\n\n"])[0]
 
 
+def test_set_thinking_makes_every_render_use_it():
+    tokenizer = reasoning_tokenizer("qwen3")
+    off = chat.post_instruction_ids(tokenizer, thinking=False)
+    chat.set_thinking(tokenizer, False)
+    assert chat.post_instruction_ids(tokenizer) == off
+    assert chat.render(tokenizer, ["hi"]) == chat.render(tokenizer, ["hi"], thinking=False)
+    assert chat.post_instruction_ids(tokenizer, thinking=True) != off  # an explicit argument still wins
+    chat.set_thinking(tokenizer, None)
+    assert chat.post_instruction_ids(tokenizer) == chat.post_instruction_ids(tokenizer, thinking=True)
+    with pytest.raises(ValueError, match="needs a chat template that reads `enable_thinking`"):
+        chat.set_thinking(reasoning_tokenizer("r1"), False)
+
+
+def test_the_cli_thinking_flag_needs_a_template_with_the_switch(tmp_path, capsys):
+    from test_cli import expect_error
+
+    tokenizer = reasoning_tokenizer("r1")
+    path = tmp_path / "model"
+    random_llama(tokenizer, hidden_size=16, num_hidden_layers=1).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    argv = ["evaluate", "--model", str(path), "--thinking", "off"]
+    expect_error(argv, capsys, "--thinking off", "needs a chat template that reads `enable_thinking`")
+
+
 @pytest.mark.parametrize(
     ("family", "thinking"), [("qwen3", None), ("qwen3", True), ("qwen3", False), ("r1", None), ("harmony", None)]
 )

@@ -103,7 +103,7 @@ def load_model(
         if not (path / "config.json").is_file():
             raise ValueError(f"spec {text!r} is a directory without config.json")
         try:
-            model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, **options)
+            model = _auto_class(path, trust_remote_code).from_pretrained(path, use_safetensors=True, **options)
         except (SafetensorError, OSError, RuntimeError, ValueError) as error:
             raise ValueError(
                 f"spec {text!r}: the weights could not be read (corrupt or incomplete?): {error}"
@@ -112,9 +112,24 @@ def load_model(
     elif _looks_like_path(text):
         raise ValueError(f"spec {text!r} does not exist")
     else:
-        model = AutoModelForCausalLM.from_pretrained(text, use_safetensors=True, **options)
+        model = _auto_class(text, trust_remote_code).from_pretrained(text, use_safetensors=True, **options)
         tokenizer = AutoTokenizer.from_pretrained(text, trust_remote_code=trust_remote_code)
     return model.eval(), tokenizer
+
+
+def _auto_class(source: str | Path, trust_remote_code: bool):
+    """AutoModelForCausalLM, or AutoModelForImageTextToText for a multimodal checkpoint that has no
+    causal-LM class (Qwen2.5-VL, LLaVA, ...), so that it loads, and saves, as its own class."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
+    )
+
+    model_type = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code).model_type
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
+        return AutoModelForImageTextToText
+    return AutoModelForCausalLM
 
 
 def _source_directory(model: nn.Module) -> Path | None:

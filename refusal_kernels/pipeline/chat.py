@@ -5,7 +5,7 @@ appends after the user's text) at the same negative positions in every row, so e
 reads them as `hidden[:, -n:, :]` without per-row bookkeeping.
 
 Reasoning templates: `thinking` switches a template that reads `enable_thinking` (Qwen3)
-on or off; None keeps the template's own default. Whatever the template appends after the
+on or off; None keeps the template's own default, or the one `set_thinking` gave the tokenizer. Whatever the template appends after the
 instruction counts as post-instruction tokens, reasoning markers included: Qwen3's empty
 `<think>\n\n</think>\n\n` with thinking off, and the `<think>\n` that an R1-distill template
 opens after the assistant tag. The model reads the instruction through those tokens before it
@@ -30,8 +30,21 @@ def reads_enable_thinking(tokenizer) -> bool:
     return "enable_thinking" in str(tokenizer.chat_template or "")
 
 
+_THINKING_ATTRIBUTE = "_refusal_kernels_thinking"
+
+
+def set_thinking(tokenizer, thinking: bool | None) -> None:
+    """Make `thinking` the default of every later render with this tokenizer, so that direction
+    finding, scoring, search and evaluation all see the same prompts (None: the template's own)."""
+    template_options(tokenizer, thinking)  # checks it
+    tokenizer.__dict__[_THINKING_ATTRIBUTE] = thinking
+
+
 def template_options(tokenizer, thinking: bool | None) -> dict[str, bool]:
-    """The extra apply_chat_template arguments that carry `thinking`."""
+    """The extra apply_chat_template arguments that carry `thinking` (by default the tokenizer's
+    `set_thinking` choice)."""
+    if thinking is None:
+        thinking = tokenizer.__dict__.get(_THINKING_ATTRIBUTE)
     if thinking is None:
         return {}
     if not isinstance(thinking, bool):
