@@ -228,6 +228,28 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize(
+    ("model_type", "sites"),
+    [
+        # Layers of mixed kinds: each layer's token mixer and MLP, found under any name, with their kind.
+        ("qwen3_next", [["linear_attn:attention", "mlp:mlp"], ["self_attn:attention", "mlp:mlp"]]),
+        ("nemotron_h", [["mixer:attention"], ["mixer:mlp"], ["mixer:attention"], ["mixer:mlp"]]),
+        ("lfm2", [["conv:attention", "feed_forward:mlp"], ["self_attn:attention", "feed_forward:mlp"]]),
+        ("jamba", [["mamba:attention", "feed_forward:mlp"], ["self_attn:attention", "feed_forward:mlp"]]),
+        # Post-sublayer norms under three sets of names.
+        ("olmo2", [["post_attention_layernorm:attention", "post_feedforward_layernorm:mlp"]] * 2),
+        ("glm4", [["post_self_attn_layernorm:attention", "post_mlp_layernorm:mlp"]] * 2),
+        ("gemma2", [["post_attention_layernorm:attention", "post_feedforward_layernorm:mlp"]] * 2),
+        # A parallel block: both sublayers read the same norm's output.
+        ("gptj", [["attn:attention", "mlp:mlp"]] * 2),
+    ],
+)
+def test_sites_are_read_with_their_kind(model_type, sites):
+    structure = fam.describe_model(build(CAUSAL, model_type))
+    read = [[f"{s.name.rsplit('.', 1)[-1]}:{s.component}" for s in layer.sites] for layer in structure.layers]
+    assert read == sites
+
+
 @pytest.mark.parametrize(("registry", "model_type"), CASES)
 def test_family_is_edited_correctly_or_refused(registry, model_type):
     kind, detail = outcome(registry, model_type)

@@ -247,6 +247,14 @@ def shrink(config, depth: int = 0, overrides: dict | None = None):
 
 # Per-family fixes the generic shrink cannot derive, set on the shrunk config (why in each comment).
 OVERRIDES = {
+    # Hybrids whose attention layers sit past the first two (or, for Granite 4's default, nowhere):
+    # one Mamba layer and one attention layer, as the released models mix them.
+    "jamba": {"attn_layer_period": 2, "attn_layer_offset": 1},
+    "bamba": {"attn_layer_indices": [1]},
+    "granitemoehybrid": {"layer_types": ["mamba", "attention"]},
+    # Its default config has no short-convolution layer, which every released LFM2 mixes in.
+    "lfm2": {"layer_types": ["conv", "full_attention"]},
+    "lfm2_vl": {"text_config": {"layer_types": ["conv", "full_attention"]}},
     # `attention_types` is a run-length pattern ([[kinds], repeats]) that must cover `num_layers`.
     "gpt_neo": {"attention_types": [[["global", "local"], 1]]},
     # Its default has no rope parameters, which the rotary embedding reads per layer type.
@@ -303,10 +311,6 @@ UNBUILDABLE = {
     "fast_vlm": "TimmWrapperModel requires the timm library",
     "perception_lm": "TimmWrapperModel requires the timm library",
     "inkling_mm_model": "No module named 'scipy' (and the build takes over 60 s)",
-    # Hybrid mamba models whose cache breaks a plain forward in this transformers version.
-    "bamba": "`get_seq_length` can only be called on Attention layers (cache has only LinearAttention layers)",
-    "jamba": "`get_seq_length` can only be called on Attention layers (cache has only LinearAttention layers)",
-    "granitemoehybrid": "`get_seq_length` can only be called on Attention layers (cache has only LinearAttention layers)",
 }
 
 

@@ -25,8 +25,8 @@ checkpoint streamer all use `describe_model`. A model is read, not looked up in 
     learned position embeddings). If a norm stands between them (BLOOM), their write cannot be
     edited in the weights: `ModelStructure.embedding_problem` says why.
 
-A site is an ATTENTION site (any token mixer) unless its path in the layer names an MLP or
-experts (MLP_WORDS); a `Schedule` scales the two kinds apart.
+A site is an ATTENTION site (any token mixer) unless its path in the layer, or else its class,
+names an MLP or experts (MLP_WORDS); a `Schedule` scales the two kinds apart.
 
 A model on the meta device (the streaming skeleton of `orthogonalize_checkpoint`) cannot run:
 its layers are read from their children's names instead (ATTENTION_NAMES, MLP_NAMES,
@@ -50,7 +50,8 @@ from transformers.pytorch_utils import Conv1D
 from .. import quant
 from . import probe
 
-# A sublayer whose path inside its layer holds one of these words writes through an MLP.
+# Words that name a sublayer's kind in its path inside the layer, or in its class name.
+ATTENTION_WORDS = ("attn", "attention")
 MLP_WORDS = ("mlp", "moe", "ffn", "feed_forward", "feedforward", "expert", "block_sparse")
 # Output projections inside a site with no fixed sum (MoE blocks), and in the meta-device reading.
 OUTPUT_PROJECTION_NAMES = (
@@ -221,9 +222,15 @@ def set_structure(model: nn.Module, spec: StructureSpec | None) -> None:
     model.__dict__.pop(_STRUCTURE_ATTRIBUTE, None)
 
 
-def _component(path: str) -> str:
-    words = path.lower()
-    return MLP if any(word in words for word in MLP_WORDS) else ATTENTION
+def _component(path: str, module: nn.Module) -> str:
+    """The sublayer's kind, from its path in the layer if that names attention or an MLP, else
+    from its class (Nemotron-H calls every sublayer `mixer`); ATTENTION when neither does."""
+    for words in (path.lower(), type(module).__name__.lower()):
+        if any(word in words for word in ATTENTION_WORDS):
+            return ATTENTION
+        if any(word in words for word in MLP_WORDS):
+            return MLP
+    return ATTENTION
 
 
 def _quantized_weight(
@@ -502,7 +509,7 @@ class _LayerReader:
             producers = self._terms(call.input, exclude=seen | {path})
             if producers is not None:
                 return [w for p in producers for w in self._writers(p, component, post_norm, seen | {path})]
-        context = _Context(self.hidden_size, self.index, component or _component(path), post_norm)
+        context = _Context(self.hidden_size, self.index, component or _component(path, module), post_norm)
         if _is_projection(module, name, self.hidden_size):
             return _projection_writers(module, name, context)
         terms = self._terms(call.output, within=path) if call is not None and call.output is not None else None

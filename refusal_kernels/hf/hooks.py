@@ -4,9 +4,9 @@
 layer and at every position, with the fused in-place `ablate_`:
 
   * the layer input (a forward pre-hook on the decoder layer);
-  * the attention contribution as it is added to the residual (a forward hook on the attention
-    module's output[0], or on the post-attention norm's output in Gemma 2/3);
-  * the MLP contribution likewise (the MLP output, or the post-feedforward norm's output).
+  * each write into the residual, as it is added (a forward hook on each site `families`
+    reads: a token mixer's or MLP's output[0], or the post-sublayer norm's output after it);
+  * where the sites cannot be read (`hook_structure`), the layer's own output instead.
 
 Each residual state is the layer-0 input (the embeddings, ablated there) plus the ablated
 writes, so every state, the final norm's input included, is orthogonal to r: the final norm
@@ -21,7 +21,7 @@ padding does not matter) and `torch.compile` (the op is a registered mutating cu
 
 With a `Schedule` as scale, the hooks ablate only the writes, each at its own scale: the
 embeddings at the layer-0 input (what they write), and each layer's attention and MLP
-contributions; the layer inputs are left as they are. Each write is then the one the
+sites; the layer inputs are left as they are. Each write is then the one the
 scheduled weight edit produces, so for models without post-sublayer norms
 `patch(mode="hooks")` equals `patch(mode="weights")` with the same schedule, up to rounding.
 """
