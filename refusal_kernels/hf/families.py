@@ -637,6 +637,11 @@ def _decoder(model: nn.Module) -> tuple[str, nn.Module]:
     return "", model
 
 
+def decoder_of(model: nn.Module) -> nn.Module:
+    """The language model inside `model` that `describe_model` reads (see `_decoder`)."""
+    return _decoder(model)[1]
+
+
 def _find_layer_list(model: nn.Module, recording: probe.Recording | None = None) -> tuple[str, nn.ModuleList]:
     """The nn.ModuleList of the decoder that holds the most parameters (experts lists live inside
     layers); with the probe's `recording`, only lists whose first entry ran on d_model-wide states."""

@@ -123,7 +123,7 @@ def measure(
             handles.append(layer.layer.register_forward_hook(after(layer.index)))
         token_embedding = structure.token_embedding
         ids = probe.probe_ids(token_embedding.num_embeddings, families.execution_device(token_embedding))
-        probe.run(model, ids)
+        probe.run(families.decoder_of(model), ids)  # the decoder alone: the LM head's logits are not needed
     finally:
         for handle in handles:
             handle.remove()
