@@ -452,7 +452,8 @@ class _LayerReader:
         call = self.recording.calls.get(self.layer)
         if call is None or call.input is None or call.output is None:
             raise StructureError(
-                f"{self.name} ({type(self.layer).__name__}): the probe's forward pass did not run it on the residual stream"
+                f"{self.name} ({type(self.layer).__name__}): the probe's forward pass did not run it on one "
+                "[tokens, d_model] residual state (several residual streams, say)"
             )
         candidates = [(path, c.output) for path, _, c in self.recorded if not torch.equal(c.output, call.input)]
         delta, scale, dtype = call.output - call.input, call.output.norm(dim=-1), self.recording.dtype
