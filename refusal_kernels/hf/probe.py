@@ -37,7 +37,7 @@ class Call:
 
 @dataclass
 class Recording:
-    """Every module's Call, by module, plus the order in which the modules ran."""
+    """Every module's Call, by module, and the dtype of the residual states seen."""
 
     calls: dict[nn.Module, Call] = field(default_factory=dict)
     dtype: torch.dtype = torch.float32
@@ -185,17 +185,15 @@ def combination(
 
 
 def _best_subset(gram: torch.Tensor, rhs: torch.Tensor, b: torch.Tensor, size: int) -> tuple[float, tuple[int, ...]]:
-    """The subset of `size` columns with the smallest least-squares residual norm, and that norm."""
-    total = float(b @ b)
-    best = (float("inf"), ())
-    for subset in itertools.combinations(range(gram.shape[0]), size):
-        index = list(subset)
-        g, r = gram[index][:, index], rhs[index]
-        try:
-            coefficients = torch.linalg.solve(g, r)
-        except RuntimeError:  # two candidates proportional to each other
-            continue
-        error = max(total - float(r @ coefficients), 0.0) ** 0.5
-        if error < best[0]:
-            best = (error, subset)
-    return best
+    """The subset of `size` columns with the smallest least-squares residual norm, and that norm:
+    every subset's normal equations solved in one batch."""
+    subsets = torch.tensor(list(itertools.combinations(range(gram.shape[0]), size)), device=gram.device)
+    g = gram[subsets[:, :, None], subsets[:, None, :]]
+    r = rhs[subsets]
+    coefficients, info = torch.linalg.solve_ex(g, r)
+    explained = (r * coefficients).sum(-1)
+    # A subset with two proportional candidates is singular: it cannot be the answer.
+    explained = torch.where((info == 0) & torch.isfinite(explained), explained, -torch.inf)
+    best = int(explained.argmax())
+    error = max(float(b @ b) - float(explained[best]), 0.0) ** 0.5
+    return error, tuple(subsets[best].tolist())
