@@ -49,6 +49,7 @@ from transformers.pytorch_utils import Conv1D
 
 from .. import quant
 from . import probe
+from .writes import written_tensor
 
 # Words that name a sublayer's kind in its path inside the layer, or in its class name.
 ATTENTION_WORDS = ("attn", "attention")
@@ -419,9 +420,14 @@ def _is_norm(module: nn.Module, call: probe.Call | None) -> bool:
         return False
     weight = parameters[0]
     x = call.input.to(device=weight.device, dtype=weight.dtype)[None]
-    with torch.no_grad():
-        once, twice = module(x).float(), module(2 * x).float()
-    return bool(torch.allclose(once, twice, rtol=1e-2, atol=1e-3 * float(once.abs().max())))
+    try:
+        with torch.no_grad():
+            once, twice = written_tensor(module(x)).float(), written_tensor(module(2 * x)).float()
+    except (TypeError, RuntimeError, ValueError):  # it takes other inputs (a residual gate): not a norm
+        return False
+    return once.shape == twice.shape and bool(
+        torch.allclose(once, twice, rtol=1e-2, atol=1e-3 * float(once.abs().max()))
+    )
 
 
 class _LayerReader:
