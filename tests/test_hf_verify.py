@@ -84,11 +84,10 @@ def test_the_check_measures_each_layers_write_against_the_tolerance():
     model = tiny_model("gemma2")  # post-sublayer norms: writers orthogonalized against g * r
     structure = describe_model(model)
     direction = tiny_direction(model)
-    ones = (1.0,) * len(structure.layers)
     from refusal_kernels.hf import families
 
     directions = families.layer_directions(direction, structure, None)
-    expected = self_check.expectation(directions, ones, ones, 1.0)
+    expected = self_check.expectation(directions, embeddings=True)
     leaks = self_check.measure(model, structure, expected)
     assert [site for site, _, _ in leaks] == [
         "the embeddings (the first layer's input)",

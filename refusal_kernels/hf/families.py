@@ -366,17 +366,11 @@ def _named_output_writers(module: nn.Module, name: str, context: _Context) -> li
             writers += _fused_expert_writers(sub, full_name, context, parameter)
         elif leaf in OUTPUT_PROJECTION_NAMES and _is_projection(sub, full_name, context.hidden_size):
             writers += _projection_writers(sub, full_name, context)
-        elif _own_output_bias(sub, context.hidden_size) is not None:
-            bias = _own_output_bias(sub, context.hidden_size)
+        elif (bias := _own_output_bias(sub, context.hidden_size)) is not None:
+            norm, norm_weight = context.post_norm or (None, None)
             writers.append(
                 ResidualWriter(
-                    f"{full_name}.bias",
-                    bias,
-                    ROWS,
-                    context.layer,
-                    context.component,
-                    *(context.post_norm or (None, None)),
-                    module=sub,
+                    f"{full_name}.bias", bias, ROWS, context.layer, context.component, norm, norm_weight, module=sub
                 )
             )
     if not writers:

@@ -206,9 +206,8 @@ def patch(
     # every checked write must be orthogonal to r.
     exact = not isinstance(scale, Schedule) and scale == 1
     handles = install() if exact else _ablating_hooks(described, directions, 1.0)
-    ones = (1.0,) * len(described.layers)
     # The embeddings' write is ablated at the first layer's input, when that layer is hooked.
-    expected = verify_module.expectation(directions, ones, ones, 1.0 if 0 in directions else 0.0)
+    expected = verify_module.expectation(directions, embeddings=0 in directions)
     try:
         verify_module.check(model, described, expected)
     except BaseException:

@@ -7,15 +7,15 @@ structure probe's few tokens and measures, at every checked site,
 
 where w is what the site adds to the residual stream and h the residual state after it: the
 embeddings' write (the first layer's input, h = w) and each layer's write (its output minus its
-input, h its output). A layer is checked when both its attention and its MLP writes are removed
-at scale 1 (a Schedule with other scales, or `layers=` leaving it out, leaves it unchecked);
-the embeddings when they are edited at scale 1. Measuring the layer's whole write, not the
-sites `describe_model` read, is what catches a write it missed or misread.
+input, h its output). Every selected layer is checked, and the embeddings when they are edited;
+the check is of the structure, so it always removes r at scale 1, whatever scale the edit then
+uses. Measuring the layer's whole write, not the sites `describe_model` read, is what catches a
+write it missed or misread.
 
-In hooks mode the check runs with the hooks in place. In weights mode it runs *before* the
-first tensor is written, with a hook on each writer's module that applies the planned edit to
-its output (y <- y - s (y.u) u, which is what the edited weight and bias write, for any storage
-format); if r leaks, nothing has been changed. A check after the edit could not restore the
+In hooks mode the check runs with the hooks in place (at scale 1). In weights mode it runs
+*before* the first tensor is written, with a hook on each writer's module that applies the
+planned edit to its output (y <- y - (y.u) u, which is what the edited weight and bias write,
+for any storage format); if r leaks, nothing has been changed. A check after the edit could not restore the
 model exactly: undo_ is exact only to one rounding step, and requantization not at all.
 
 The tolerance is a few rounding steps of the residual stream's dtype (TOLERANCE), far below
@@ -56,18 +56,11 @@ class Expectation:
     layers: Mapping[int, torch.Tensor]
 
 
-def expectation(
-    directions: Mapping[int, torch.Tensor],
-    attention_scales: tuple[float, ...],
-    mlp_scales: tuple[float, ...],
-    embedding_scale: float,
-) -> Expectation:
-    """What an edit with these per-layer directions and scales must achieve (see the module
-    docstring); embedding_scale is 0 when the embeddings' write is left as it is."""
+def expectation(directions: Mapping[int, torch.Tensor], embeddings: bool) -> Expectation:
+    """What removing r at scale 1 from these layers' writes (per-layer directions), and from the
+    embeddings' write if `embeddings`, must achieve; the embeddings take the first layer's direction."""
     unit = {i: d.float() / d.float().norm() for i, d in directions.items()}
-    layers = {i: u for i, u in unit.items() if attention_scales[i] == 1 and mlp_scales[i] == 1}
-    embeddings = unit[min(unit)] if unit and embedding_scale == 1 else None
-    return Expectation(embeddings, layers)
+    return Expectation(unit[min(unit)] if unit and embeddings else None, unit)
 
 
 def tolerance(dtype: torch.dtype) -> float:
@@ -92,7 +85,7 @@ def measure(
 
     def before(index: int):
         def hook(module: nn.Module, args: Any, kwargs: dict) -> None:
-            state = args[0] if args else kwargs["hidden_states"]
+            state = writes.layer_input(args, kwargs)
             inputs[index] = state.detach().clone()
             if index == 0 and expected.embeddings is not None:
                 leaks.append(
@@ -109,7 +102,7 @@ def measure(
         def hook(module: nn.Module, args: Any, output: Any) -> None:
             if index not in expected.layers or index not in inputs:
                 return
-            state = output if isinstance(output, torch.Tensor) else output[0]
+            state = writes.written_tensor(output)
             name = structure.layers[index].name
             leaks.append((name, fraction(state - inputs.pop(index), state, expected.layers[index]), state.dtype))
 

@@ -187,8 +187,8 @@ def _plan(
     include_embeddings: bool,
     layers: Sequence[int] | None,
     structure_spec: families.StructureSpec | None = None,
-) -> tuple[families.ModelStructure, float | Schedule, list[_Edit], self_check.Expectation]:
-    """The structure, the checked scale, every edit and what the self-check expects of them; bad
+) -> tuple[families.ModelStructure, float | Schedule, list[_Edit], dict[int, torch.Tensor]]:
+    """The structure, the checked scale, every edit and the selected layers' directions; bad
     arguments raise before anything is written."""
     structure = families.describe_model(model, structure_spec)
     directions = families.layer_directions(direction, structure, layers)
@@ -209,15 +209,16 @@ def _plan(
         edits.append(_Edit(writer, target, writer_scale))
     _check_in_memory(edits)
     _check_quantized(edits)
-    if structure.embedding_problem and any(e.writer.component == families.EMBEDDING for e in edits):
+    if structure.embedding_problem and _edits_embeddings(edits):
         raise families.StructureError(
             f"{structure.embedding_problem}; pass include_embeddings=False (then r stays in the embeddings' write) "
             "or use patch(mode='hooks')"
         )
-    edits_embeddings = any(e.writer.component == families.EMBEDDING for e in edits)
-    embedding_scale = schedule.embeddings if edits_embeddings else 0.0
-    expected = self_check.expectation(directions, schedule.attention, schedule.mlp, embedding_scale)
-    return structure, scale, edits, expected
+    return structure, scale, edits, directions
+
+
+def _edits_embeddings(edits: list[_Edit]) -> bool:
+    return any(e.writer.component == families.EMBEDDING for e in edits)
 
 
 def _check_in_memory(edits: list[_Edit]) -> None:
@@ -352,7 +353,8 @@ def check_structure(
     residual stream. A tensor whose module's forward does not compute it is edited for the
     pass and put back bit for bit.
     """
-    described, _, edits, expected = _plan(model, direction, 1.0, include_embeddings, layers, structure)
+    described, _, edits, directions = _plan(model, direction, 1.0, include_embeddings, layers, structure)
+    expected = self_check.expectation(directions, embeddings=_edits_embeddings(edits))
     simulated = {e.writer.module: (e.direction, e.scale) for e in edits if e.writer.in_forward}
     with _edited_for_the_check([e for e in edits if not e.writer.in_forward]):
         self_check.check(model, described, expected, simulated)

@@ -38,9 +38,10 @@ def edit_(tensor: torch.Tensor, edit: Callable[[torch.Tensor], None]) -> None:
 
 
 def ablate_output(site: nn.Module, direction: torch.Tensor, scale: float) -> RemovableHandle:
-    """A forward hook on `site` that ablates what it writes, in place."""
+    """A forward hook on `site` that ablates what it writes, in place (`direction` on the device
+    it computes on)."""
 
     def ablate(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-        edit_(written_tensor(output), lambda x: ops.ablate_(x, direction.to(x.device), scale))
+        edit_(written_tensor(output), lambda x: ops.ablate_(x, direction, scale))
 
     return site.register_forward_hook(ablate)

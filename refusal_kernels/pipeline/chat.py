@@ -5,8 +5,8 @@ appends after the user's text) at the same negative positions in every row, so e
 reads them as `hidden[:, -n:, :]` without per-row bookkeeping.
 
 Reasoning templates: `thinking` switches a template that reads `enable_thinking` (Qwen3)
-on or off; None keeps the template's own default, or the one `set_thinking` gave the tokenizer. Whatever the template appends after the
-instruction counts as post-instruction tokens, reasoning markers included: Qwen3's empty
+on or off; None keeps the template's own default, or the one `set_thinking` gave the
+tokenizer. Whatever the template appends after the instruction counts as post-instruction tokens, reasoning markers included: Qwen3's empty
 `<think>\n\n</think>\n\n` with thinking off, and the `<think>\n` that an R1-distill template
 opens after the assistant tag. The model reads the instruction through those tokens before it
 writes its first one, so they are where the refusal direction is looked for.
