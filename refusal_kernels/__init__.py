@@ -6,6 +6,7 @@ orthogonalization W <- W - r(r^T W) of every matrix that writes into the residua
 """
 
 from . import _ops, quant, reference
+from ._version import __version__ as __version__
 from .backends import get_backend, set_backend
 from .ops import ablate, ablate_, ablate_indexed_, orthogonalize_, orthogonalize_norm_preserving_
 
@@ -23,7 +24,6 @@ __all__ = [
     "set_backend",
     "undo_",
 ]
-__version__ = "0.1.0"
 
 
 def __getattr__(name: str) -> object:

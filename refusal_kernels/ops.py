@@ -1,40 +1,15 @@
 """The public ops: in-place ablation and orthogonalization (plain or norm-preserving), plus an out-of-place ablate.
 
 All of them normalize the direction in fp32 and accumulate in fp32, whatever the storage
-dtype, and run on the backend that `refusal_kernels.backends` picks for the tensor's device.
+dtype, and run through the dispatcher: the kernel registered for the tensor's device
+(see `refusal_kernels.backends`).
 """
 
 from __future__ import annotations
 
 import torch
-from torch.utils.weak import WeakIdKeyDictionary
 
-from . import _ops, backends, reference
-
-# GPU tensors whose data passed the checks, with the version they had then: each direction
-# costs one host synchronization the first time it is used, and none afterwards.
-_checked_versions = WeakIdKeyDictionary()
-
-
-def _check_data_once(t: torch.Tensor, name: str, find_problem, target: torch.Tensor) -> None:
-    if target.device.type in ("cpu", "meta") or t.device != target.device or torch.compiler.is_compiling():
-        # The CPU kernel checks the data itself; the kernels' metadata checks report a
-        # device mismatch; a traced graph has no data to check.
-        return
-    if _checked_versions.get(t) == t._version:
-        return
-    problem = find_problem(t)
-    if problem:
-        raise ValueError(f"{name} {problem}")
-    _checked_versions[t] = t._version
-
-
-def _nonzero_finite_rows(directions: torch.Tensor) -> str | None:
-    norms = directions.float().reshape(-1, directions.shape[-1]).norm(dim=-1)
-    bad = ~(torch.isfinite(norms) & (norms > 0))
-    if bool(bad.any()):
-        return f"must be finite and non-zero; rows with bad norms: {bad.nonzero().flatten().tolist()}"
-    return None
+from . import _checks
 
 
 def ablate_(x: torch.Tensor, direction: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
@@ -48,8 +23,8 @@ def ablate_(x: torch.Tensor, direction: torch.Tensor, scale: float = 1.0) -> tor
     Returns:
         x, for chaining.
     """
-    _check_data_once(direction, "direction", _nonzero_finite_rows, x)
-    backends.for_device(x.device.type).ablate_(x, direction, scale)
+    _checks.check_direction_once(direction, x)
+    torch.ops.refusal.ablate(x, direction, scale)
     return x
 
 
@@ -66,19 +41,10 @@ def ablate_indexed_(x: torch.Tensor, directions: torch.Tensor, index: torch.Tens
     Returns:
         x, for chaining.
     """
-    _check_data_once(directions, "directions", _nonzero_finite_rows, x)
-    _check_data_once(index, "index", lambda i: _index_problem(i, directions.shape[0]), x)
-    backends.for_device(x.device.type).ablate_indexed_(x, directions, index, scale)
+    _checks.check_direction_once(directions, x, "directions")
+    _checks.check_data_once(index, "index", lambda i: _checks.index_problem(i, directions.shape[0]), x)
+    torch.ops.refusal.ablate_indexed(x, directions, index, scale)
     return x
-
-
-def _index_problem(index: torch.Tensor, num_directions: int) -> str | None:
-    if index.numel() == 0:
-        return None
-    low, high = int(index.min()), int(index.max())
-    if low < -1 or high >= num_directions:
-        return f"holds values in [{low}, {high}]; valid values are -1 (skip) to {num_directions - 1}"
-    return None
 
 
 def orthogonalize_(weight: torch.Tensor, direction: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
@@ -95,8 +61,8 @@ def orthogonalize_(weight: torch.Tensor, direction: torch.Tensor, scale: float =
     Returns:
         weight, for chaining.
     """
-    _check_data_once(direction, "direction", _nonzero_finite_rows, weight)
-    backends.for_device(weight.device.type).orthogonalize_(weight, direction, scale)
+    _checks.check_direction_once(direction, weight)
+    torch.ops.refusal.orthogonalize(weight, direction, scale)
     return weight
 
 
@@ -119,15 +85,12 @@ def orthogonalize_norm_preserving_(
     Returns:
         weight, for chaining.
     """
-    _check_data_once(direction, "direction", _nonzero_finite_rows, weight)
-    backends.for_device(weight.device.type).orthogonalize_norm_preserving_(weight, direction, scale, axis)
+    _checks.check_direction_once(direction, weight)
+    torch.ops.refusal.orthogonalize_norm_preserving(weight, direction, scale, axis)
     return weight
 
 
 def ablate(x: torch.Tensor, direction: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
     """Out-of-place `ablate_`: a new contiguous tensor; differentiable with respect to x."""
-    _check_data_once(direction, "direction", _nonzero_finite_rows, x)
-    if x.device.type in _ops.KERNEL_DEVICES:
-        return torch.ops.refusal.ablated(x, direction, scale)
-    _ops.check_ablate(x, direction, scale)
-    return reference.ablate(x, direction, scale)
+    _checks.check_direction_once(direction, x)
+    return torch.ops.refusal.ablated(x, direction, scale)

@@ -17,6 +17,7 @@ import torch
 from refusal_kernels import _ops, backends
 
 TESTS = pathlib.Path(__file__).parent
+CUDA_KEY = torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
@@ -43,6 +44,7 @@ def test_triton_fills_the_cuda_kernels():
     backends.set_backend("cuda")
     try:
         with pytest.raises(RuntimeError, match="no CUDA kernels"):
-            backends.for_device("cuda")
+            # The CUDA entry, called on CPU tensors: no GPU is needed to reach it.
+            torch.ops.refusal.ablate.default.redispatch(CUDA_KEY, torch.ones(2, 4), torch.ones(4), 1.0)
     finally:
         backends.set_backend(None)

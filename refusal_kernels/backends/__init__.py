@@ -1,27 +1,90 @@
-"""Which kernel runs an op.
+"""Every provider of a `torch.ops.refusal` op, registered as a dispatcher kernel.
 
-CPU tensors always run the C++ CPU kernel. CUDA tensors run the CUDA C++ kernels when the
-extension was built with them, and the Triton kernels otherwise. `set_backend` or the
-environment variable REFUSAL_KERNELS_BACKEND overrides the choice for GPU tensors:
+  CPU    the C++ kernels (csrc/cpu/), registered by `_C`
+  CUDA   the C++ kernels (csrc/cuda/) in a CUDA build; otherwise the Triton kernels, for the
+         ops that have one
+  any    the pure-torch reference (`torch_reference`), registered as the fallback
+         (CompositeExplicitAutograd): it runs wherever no kernel is registered for the
+         device, e.g. AWQ and NF4 storage on CUDA, or MPS tensors
 
-  "cuda"    the CUDA C++ kernels (an error if this build has none)
-  "triton"  the Triton kernels
-  "torch"   the pure-PyTorch reference, in place (any device)
+So every caller, inside the package or not, runs an op the same way: `torch.ops.refusal.<op>`.
+`set_backend` (or the environment variable REFUSAL_KERNELS_BACKEND, read at import) overrides
+the kernels for CUDA tensors by registering another provider over them:
+
+  "cuda"    the CUDA C++ kernels (an error at the first call if this build has none)
+  "triton"  the Triton kernels (the reference for the ops that have none)
+  "torch"   the pure-PyTorch reference
 """
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import os
-from types import ModuleType
+from collections.abc import Callable
 
 import torch
 
 from .. import _ops
+from . import torch_reference
 
 BACKENDS = ("cuda", "triton", "torch")
 ENV_VAR = "REFUSAL_KERNELS_BACKEND"
 
+# The module under refusal_kernels.backends.triton that holds each op's kernel, as `<op>_`.
+TRITON_MODULES = {
+    "ablate": "",
+    "ablate_indexed": "",
+    "orthogonalize": "",
+    "orthogonalize_norm_preserving": "",
+    "orthogonalize_int8": ".quant",
+    "orthogonalize_gptq": ".quant",
+    "orthogonalize_fp8": ".quant",
+}
+
+# Read before any Python kernel is registered under the CUDA key.
+_BUILD_HAS_CUDA_KERNELS = all(_ops.has_kernel(op, "CUDA") for op in _ops.FLOAT_OPS)
+_HAS_TRITON = torch.version.cuda is not None and importlib.util.find_spec("triton") is not None
+
+
+def has_cuda_kernels() -> bool:
+    """Whether this build of the extension contains the CUDA C++ kernels."""
+    return _BUILD_HAS_CUDA_KERNELS
+
+
+def _triton_kernel(op: str) -> Callable[..., None]:
+    # Triton is imported at the first call, not at registration, so that importing
+    # refusal_kernels stays cheap and TRITON_INTERPRET can still be set afterwards.
+    def run(*args) -> None:
+        module = importlib.import_module(f"{__name__}.triton{TRITON_MODULES[op]}")
+        getattr(module, f"{op}_")(*args)
+
+    return run
+
+
+def _missing_cuda_kernel(*args) -> None:
+    raise RuntimeError("backend 'cuda' was chosen but this build has no CUDA kernels; rebuild with a CUDA toolkit")
+
+
+def _kernels(backend: str) -> dict[str, Callable[..., None]]:
+    """The CUDA kernel of every op under `backend`."""
+    if backend == "torch":
+        return dict(torch_reference.KERNELS)
+    if backend == "triton":
+        return {op: _triton_kernel(op) if op in TRITON_MODULES else torch_reference.KERNELS[op] for op in _ops.OPS}
+    return {op: _missing_cuda_kernel for op in _ops.OPS}
+
+
+def _register(backend: str, dispatch_key: str) -> torch.library.Library:
+    library = torch.library.Library("refusal", "IMPL")
+    for op, kernel in _kernels(backend).items():
+        library.impl(op, kernel, dispatch_key)
+    return library
+
+
+_FALLBACK = _register("torch", "CompositeExplicitAutograd")
+_DEFAULT_CUDA = None if _BUILD_HAS_CUDA_KERNELS or not _HAS_TRITON else _register("triton", "CUDA")
+_override: torch.library.Library | None = None
 _choice: str | None = None
 
 
@@ -33,71 +96,25 @@ def _validated(name: str | None, source: str) -> str | None:
     return name
 
 
+def _default_backend() -> str:
+    return "cuda" if _BUILD_HAS_CUDA_KERNELS else "triton" if _HAS_TRITON else "torch"
+
+
 def set_backend(name: str | None) -> None:
-    """Choose the backend for GPU tensors; None or "auto" restores the default choice."""
-    global _choice
-    _choice = _validated(name, "backend")
+    """Choose the kernels for CUDA tensors; None or "auto" restores the default choice."""
+    global _choice, _override
+    choice = _validated(name, "backend")
+    if _override is not None:
+        _override._destroy()
+        _override = None
+    _choice = choice
+    if choice is not None and choice != _default_backend():
+        _override = _register(choice, "CUDA")
 
 
 def get_backend() -> str:
-    """The backend that GPU tensors use now."""
-    chosen = _choice or _validated(os.environ.get(ENV_VAR), ENV_VAR)
-    if chosen is not None:
-        return chosen
-    return "cuda" if has_cuda_kernels() else "triton"
+    """The backend that CUDA tensors use now."""
+    return _choice or _default_backend()
 
 
-# Read once, before `_register_triton_as_cuda_kernels` may fill the CUDA slots with Triton.
-_BUILD_HAS_CUDA_KERNELS = all(_ops.has_kernel(op, "CUDA") for op in _ops.OPS)
-
-
-def has_cuda_kernels() -> bool:
-    """Whether this build of the extension contains the CUDA C++ kernels."""
-    return _BUILD_HAS_CUDA_KERNELS
-
-
-def for_device(device_type: str) -> ModuleType:
-    """The module whose ablate_/ablate_indexed_/orthogonalize_/orthogonalize_norm_preserving_ run on this device type."""
-    if device_type == "cpu":
-        from . import native
-
-        return native
-    backend = get_backend() if device_type == "cuda" else "torch"
-    if backend == "cuda":
-        if not has_cuda_kernels():
-            raise RuntimeError(
-                "backend 'cuda' was chosen but this build has no CUDA kernels; rebuild with a CUDA toolkit"
-            )
-        from . import native
-
-        return native
-    if backend == "triton":
-        from . import triton
-
-        return triton
-    from . import torch_reference
-
-    return torch_reference
-
-
-def _register_triton_as_cuda_kernels() -> None:
-    """Make torch.ops.refusal.* run the Triton kernels on CUDA tensors, for builds without CUDA kernels.
-
-    The Triton package is imported on the first call, not here, so importing refusal_kernels
-    stays cheap and TRITON_INTERPRET can still be set afterwards.
-    """
-
-    def triton_kernel(op: str):
-        def run(*args, **kwargs) -> None:
-            from . import triton
-
-            getattr(triton, f"{op}_")(*args, **kwargs)
-
-        return run
-
-    for op in _ops.OPS:
-        torch.library.register_kernel(f"refusal::{op}", "cuda", triton_kernel(op))
-
-
-if not _BUILD_HAS_CUDA_KERNELS and torch.version.cuda is not None and importlib.util.find_spec("triton"):
-    _register_triton_as_cuda_kernels()
+set_backend(_validated(os.environ.get(ENV_VAR), ENV_VAR))

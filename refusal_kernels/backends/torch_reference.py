@@ -1,29 +1,54 @@
-"""The pure-PyTorch reference, applied in place: works on any device, fast on none."""
+"""The pure-PyTorch reference of every op, as an in-place kernel: works on any device, fast on none.
+
+Registered as every op's fallback kernel, and under CUDA by `set_backend("torch")`. Each
+kernel checks metadata with the same `_checks` as the fake kernels, before it writes.
+"""
 
 from __future__ import annotations
 
 import torch
 
-from .. import _ops, reference
+from .. import _checks, reference
+from ..quant import awq, fp8, gptq, int8, nf4
 
 
 def ablate_(x: torch.Tensor, direction: torch.Tensor, scale: float = 1.0) -> None:
-    _ops.check_ablate(x, direction, scale)
+    _checks.check_ablate(x, direction, scale)
     x.copy_(reference.ablate(x, direction, scale))
 
 
 def ablate_indexed_(x: torch.Tensor, directions: torch.Tensor, index: torch.Tensor, scale: float = 1.0) -> None:
-    _ops.check_ablate_indexed(x, directions, index, scale)
+    _checks.check_ablate_indexed(x, directions, index, scale)
     x.copy_(reference.ablate_indexed(x, directions, index, scale))
 
 
 def orthogonalize_(weight: torch.Tensor, direction: torch.Tensor, scale: float = 1.0) -> None:
-    _ops.check_orthogonalize(weight, direction, scale)
+    _checks.check_orthogonalize(weight, direction, scale)
     weight.copy_(reference.orthogonalize(weight, direction, scale))
 
 
 def orthogonalize_norm_preserving_(
     weight: torch.Tensor, direction: torch.Tensor, scale: float = 1.0, axis: str = "column"
 ) -> None:
-    _ops.check_orthogonalize_norm_preserving(weight, direction, scale, axis)
+    _checks.check_orthogonalize_norm_preserving(weight, direction, scale, axis)
     weight.copy_(reference.orthogonalize_norm_preserving(weight, direction, scale, axis))
+
+
+def orthogonalize_nf4_(
+    packed, absmax, code, direction, blocksize, nested_absmax, nested_offset, nested_code, nested_blocksize, scale
+) -> None:
+    q = nf4.NF4Weight(packed, absmax, code, blocksize, nested_absmax, nested_offset, nested_code, nested_blocksize)
+    nf4.orthogonalize_reference_(q, direction, scale)
+
+
+KERNELS = {
+    "ablate": ablate_,
+    "ablate_indexed": ablate_indexed_,
+    "orthogonalize": orthogonalize_,
+    "orthogonalize_norm_preserving": orthogonalize_norm_preserving_,
+    "orthogonalize_int8": int8.orthogonalize_reference_,
+    "orthogonalize_gptq": gptq.orthogonalize_reference_,
+    "orthogonalize_awq": awq.orthogonalize_reference_,
+    "orthogonalize_fp8": fp8.orthogonalize_reference_,
+    "orthogonalize_nf4": orthogonalize_nf4_,
+}

@@ -22,7 +22,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from .. import __version__, ops
+from .. import ops
+from .._version import __version__
 from . import families, weights
 
 METADATA_FILE = "refusal_kernels.json"

@@ -34,8 +34,8 @@ from types import SimpleNamespace
 
 import torch
 
+from .._checks import check_awq, check_fp8, check_int8
 from . import awq, fp8, gptq, int8, nf4
-from ._ops import check_awq, check_fp8, check_int8
 
 __all__ = [
     "QuantizedWeight",

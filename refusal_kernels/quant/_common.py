@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from .. import reference
-from ..ops import _nonzero_finite_rows
+from .._checks import nonzero_finite_rows
 
 NIBBLES_PER_INT32 = 8
 
@@ -81,7 +81,7 @@ def orthogonalized_float(dequantized: torch.Tensor, direction: torch.Tensor, sca
 
     Checks the direction's data first (as the CPU kernels do), before anything is written.
     """
-    problem = _nonzero_finite_rows(direction)
+    problem = nonzero_finite_rows(direction)
     if problem:
         raise ValueError(f"direction {problem}")
     return reference.orthogonalize(dequantized.float(), direction, scale)

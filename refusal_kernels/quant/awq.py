@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from .._checks import check_awq, check_direction_once
 from . import _common
-from ._ops import check_awq, run
 
 ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 ZERO_MIN = 0
@@ -70,4 +70,5 @@ def orthogonalize_reference_(qweight, qzeros, scales, direction, group_size: int
 
 def orthogonalize_(qweight, qzeros, scales, direction, group_size: int, scale: float = 1.0) -> None:
     """In-place W <- W - scale * d (d^T W) on the packed storage (the fused kernel of the storage's device)."""
-    run("awq", orthogonalize_reference_, direction, qweight, qzeros, scales, direction, group_size, scale)
+    check_direction_once(direction, qweight)
+    torch.ops.refusal.orthogonalize_awq(qweight, qzeros, scales, direction, group_size, scale)

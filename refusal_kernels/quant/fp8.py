@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import torch
 
+from .._checks import check_direction_once, check_fp8, fp8_block_shape
 from . import _common
-from ._ops import check_fp8, fp8_block_shape, run
 
 FP8_MAX = 448.0
 
@@ -60,4 +60,5 @@ def orthogonalize_reference_(weight, weight_scale, direction, scale: float = 1.0
 
 def orthogonalize_(weight, weight_scale, direction, scale: float = 1.0) -> None:
     """In-place W <- W - scale * d (d^T W) on the fp8 storage (the fused kernel of the storage's device)."""
-    run("fp8", orthogonalize_reference_, direction, weight, weight_scale, direction, scale)
+    check_direction_once(direction, weight)
+    torch.ops.refusal.orthogonalize_fp8(weight, weight_scale, direction, scale)

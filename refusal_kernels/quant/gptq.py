@@ -20,9 +20,8 @@ from __future__ import annotations
 
 import torch
 
-from ..ops import _check_data_once
+from .._checks import check_data_once, check_direction_once, check_gptq, g_idx_problem, gptq_zero_min
 from . import _common
-from ._ops import check_gptq, g_idx_problem, gptq_zero_min, run
 
 
 def group_of_column(in_features: int, group_size: int, g_idx: torch.Tensor | None) -> torch.Tensor:
@@ -106,6 +105,6 @@ def orthogonalize_(
     gptq_zero_min(zeros_format)  # a ValueError, where the op's schema would reject a non-string with a RuntimeError
     if g_idx is not None:
         # GPU storage: checked here once per version (the CPU kernel checks it itself).
-        _check_data_once(g_idx, "g_idx", lambda t: g_idx_problem(t, scales.shape[0]), qweight)
-    args = (qweight, qzeros, scales, g_idx, direction, group_size, scale, zeros_format)
-    run("gptq", orthogonalize_reference_, direction, *args)
+        check_data_once(g_idx, "g_idx", lambda t: g_idx_problem(t, scales.shape[0]), qweight)
+    check_direction_once(direction, qweight)
+    torch.ops.refusal.orthogonalize_gptq(qweight, qzeros, scales, g_idx, direction, group_size, scale, zeros_format)

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from .._checks import check_direction_once, check_int8
 from . import _common
-from ._ops import check_int8, run
 
 QMAX = 127
 
@@ -57,4 +57,5 @@ def orthogonalize_(
     qweight: torch.Tensor, row_scale: torch.Tensor, direction: torch.Tensor, scale: float = 1.0, absmax_scale=False
 ) -> None:
     """In-place W <- W - scale * d (d^T W) on the quantized storage (the fused kernel of the storage's device)."""
-    run("int8", orthogonalize_reference_, direction, qweight, row_scale, direction, scale, absmax_scale)
+    check_direction_once(direction, qweight)
+    torch.ops.refusal.orthogonalize_int8(qweight, row_scale, direction, scale, absmax_scale)

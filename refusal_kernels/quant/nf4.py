@@ -24,8 +24,8 @@ from typing import NamedTuple
 
 import torch
 
+from .._checks import check_direction_once, check_nf4
 from . import _common
-from ._ops import check_nf4, run
 
 # The NF4 levels of QLoRA (Dettmers et al., 2023), as bitsandbytes stores them.
 NF4_CODE = torch.tensor(
@@ -175,4 +175,5 @@ def orthogonalize_reference_(q: NF4Weight, direction: torch.Tensor, scale: float
 
 def orthogonalize_(q: NF4Weight, direction: torch.Tensor, scale: float = 1.0) -> None:
     """In-place W <- W - scale * d (d^T W) on the NF4 storage (the fused kernel of the storage's device)."""
-    run("nf4", lambda *_: orthogonalize_reference_(q, direction, scale), direction, *op_args(q, direction, scale))
+    check_direction_once(direction, q.packed)
+    torch.ops.refusal.orthogonalize_nf4(*op_args(q, direction, scale))

@@ -98,7 +98,7 @@ def launch_ablate(
     per_batch_row: bool,
     scale: float,
 ) -> None:
-    """Ablate x in place; its metadata must already have passed the `_ops.check_*` check.
+    """Ablate x in place; its metadata must already have passed the `_checks.check_*` check.
 
     Args:
         x: [..., d] float32, float16 or bfloat16, last-dim stride 1, any leading strides.

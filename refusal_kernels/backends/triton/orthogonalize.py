@@ -255,7 +255,7 @@ def _strip_plan(weight: torch.Tensor, num_matrices: int) -> tuple[int, int, int,
 def launch_orthogonalize(
     weight: torch.Tensor, direction: torch.Tensor, scale: float, preserve_column_norms: bool = False
 ) -> None:
-    """Orthogonalize weight in place; its metadata must already have passed `_ops.check_orthogonalize`.
+    """Orthogonalize weight in place; its metadata must already have passed `_checks.check_orthogonalize`.
 
     Args:
         weight: [..., d_model, d_in] float32, float16 or bfloat16, last-dim stride 1.

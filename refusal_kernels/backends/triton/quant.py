@@ -16,8 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..._checks import check_fp8, check_gptq, check_int8, gptq_zero_min
 from ...quant import _common, fp8, gptq, int8
-from ...quant._ops import check_fp8, check_gptq, check_int8, gptq_zero_min
 from ...reference import unit
 
 TILE_ROWS = 32

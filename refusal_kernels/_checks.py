@@ -1,45 +1,163 @@
-"""Metadata checks and fake kernels of the `refusal::orthogonalize_<format>` ops.
+"""Argument checks shared by the public ops, the fake kernels and every Python kernel.
 
-The checks mirror csrc/quant_checks.h (same errors, same messages): they read shapes,
-dtypes and devices only, and every one of them runs before anything is written.
+Which layer checks what:
+  * metadata (dtype, shape, stride, device, overlap, scale): the C++ kernels (csrc/checks.h,
+    csrc/quant_checks.h) and, for the fake, Triton and reference kernels, `check_*` here;
+    both raise the same errors with the same messages, before anything is written;
+  * data (zero or non-finite direction, index out of range): the CPU kernel, where the data
+    is at hand; for GPU tensors the public wrappers, through `check_data_once`, once per
+    tensor version, so that no kernel ever synchronizes with the host.
+
+A leaf module: it imports nothing from the package.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
-from .. import backends
-from .._ops import _check_float, _check_same_device, _check_scale, _check_vector, has_kernel
-from ..ops import _check_data_once, _nonzero_finite_rows
+# The norms orthogonalize_norm_preserving can keep: each column's or each row's.
+NORM_AXES = ("column", "row")
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def check_float(t: torch.Tensor, name: str) -> None:
+    if t.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
+
+
+def check_direction_dtype(t: torch.Tensor, name: str) -> None:
+    if not t.dtype.is_floating_point:
+        raise TypeError(f"{name} must have a floating-point dtype, got {t.dtype}")
+
+
+def check_scale(scale: float) -> None:
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale}")
+
+
+def check_same_device(t: torch.Tensor, name: str, target: torch.Tensor, target_name: str) -> None:
+    if t.device != target.device:
+        raise ValueError(f"{name} is on {t.device} but {target_name} is on {target.device}")
+
+
+def check_writable_rows(t: torch.Tensor, name: str) -> None:
+    check_float(t, name)
+    if t.dim() < 1:
+        raise ValueError(f"{name} must have at least 1 dim, got a scalar")
+    if t.numel() and t.shape[-1] > 1 and t.stride(-1) != 1:
+        raise ValueError(f"{name} must have stride 1 in its last dim, got strides {tuple(t.stride())}")
+    if torch._debug_has_internal_overlap(t) == 1:
+        raise ValueError(
+            f"{name} has elements that overlap in memory (an expanded view?); pass a tensor that owns each element, e.g. .clone()"
+        )
+
+
+def check_vector(direction: torch.Tensor, name: str, length: int, length_of: str) -> None:
+    check_direction_dtype(direction, name)
+    if direction.dim() != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {tuple(direction.shape)}")
+    if direction.shape[0] != length:
+        raise ValueError(f"{name} has length {direction.shape[0]} but {length_of} is {length}")
+
+
+def check_ablate(x: torch.Tensor, direction: torch.Tensor, scale: float) -> None:
+    check_writable_rows(x, "x")
+    check_vector(direction, "direction", x.shape[-1], "x.shape[-1]")
+    check_same_device(direction, "direction", x, "x")
+    check_scale(scale)
+
+
+def index_is_per_batch_row(x: torch.Tensor, index: torch.Tensor) -> bool:
+    """True when index holds one entry per batch row, broadcast over the middle dims of x."""
+    return index.shape != x.shape[:-1]
+
+
+def check_ablate_indexed(x: torch.Tensor, directions: torch.Tensor, index: torch.Tensor, scale: float) -> None:
+    check_writable_rows(x, "x")
+    check_direction_dtype(directions, "directions")
+    if directions.dim() != 2:
+        raise ValueError(f"directions must be 2-D [K, d], got shape {tuple(directions.shape)}")
+    if directions.shape[1] != x.shape[-1]:
+        raise ValueError(f"directions has rows of length {directions.shape[1]} but x.shape[-1] is {x.shape[-1]}")
+    check_same_device(directions, "directions", x, "x")
+    if index.dtype != torch.int64:
+        raise TypeError(f"index must be int64, got {index.dtype}")
+    per_vector = index.shape == x.shape[:-1]
+    per_batch_row = x.dim() >= 2 and index.dim() == 1 and index.shape[0] == x.shape[0]
+    if not (per_vector or per_batch_row):
+        raise ValueError(
+            f"index must have shape x.shape[:-1] = {tuple(x.shape[:-1])} or x.shape[:1], got {tuple(index.shape)}"
+        )
+    check_same_device(index, "index", x, "x")
+    check_scale(scale)
+
+
+def check_orthogonalize(weight: torch.Tensor, direction: torch.Tensor, scale: float) -> None:
+    if weight.dim() < 2:
+        raise ValueError(f"weight must have at least 2 dims [d_model, d_in], got shape {tuple(weight.shape)}")
+    check_writable_rows(weight, "weight")
+    check_vector(direction, "direction", weight.shape[-2], "weight.shape[-2] (d_model)")
+    check_same_device(direction, "direction", weight, "weight")
+    check_scale(scale)
+
+
+def check_orthogonalize_norm_preserving(weight: torch.Tensor, direction: torch.Tensor, scale: float, axis: str) -> None:
+    check_orthogonalize(weight, direction, scale)
+    if axis not in NORM_AXES:
+        raise ValueError(f"axis must be 'column' or 'row', got {axis!r}")
+
+
+# ---- data checks, once per GPU tensor version
+
+# GPU tensors whose data passed the checks, with the version they had then: each direction
+# costs one host synchronization the first time it is used, and none afterwards.
+_checked_versions = WeakIdKeyDictionary()
+
+
+def check_data_once(t: torch.Tensor, name: str, find_problem, target: torch.Tensor) -> None:
+    if target.device.type in ("cpu", "meta") or t.device != target.device or torch.compiler.is_compiling():
+        # The CPU kernel checks the data itself; the kernels' metadata checks report a
+        # device mismatch; a traced graph has no data to check.
+        return
+    if _checked_versions.get(t) == t._version:
+        return
+    problem = find_problem(t)
+    if problem:
+        raise ValueError(f"{name} {problem}")
+    _checked_versions[t] = t._version
+
+
+def nonzero_finite_rows(directions: torch.Tensor) -> str | None:
+    norms = directions.float().reshape(-1, directions.shape[-1]).norm(dim=-1)
+    bad = ~(torch.isfinite(norms) & (norms > 0))
+    if bool(bad.any()):
+        return f"must be finite and non-zero; rows with bad norms: {bad.nonzero().flatten().tolist()}"
+    return None
+
+
+def check_direction_once(direction: torch.Tensor, target: torch.Tensor, name: str = "direction") -> None:
+    """ValueError unless every row of `direction` is finite and non-zero (GPU targets: once per version)."""
+    check_data_once(direction, name, nonzero_finite_rows, target)
+
+
+def index_problem(index: torch.Tensor, num_directions: int) -> str | None:
+    if index.numel() == 0:
+        return None
+    low, high = int(index.min()), int(index.max())
+    if low < -1 or high >= num_directions:
+        return f"holds values in [{low}, {high}]; valid values are -1 (skip) to {num_directions - 1}"
+    return None
+
+
+# ---- quantized formats (mirror csrc/quant_checks.h)
 
 FP8_BLOCK = 128
-TRITON_FORMATS = ("int8", "gptq", "fp8")
 # GPTQ's qzeros hold z - zero_min: "v1" stores zero points minus 1, "v2" stores them as is.
 GPTQ_ZEROS_FORMATS = {"v1": 1, "v2": 0}
-
-
-def run(fmt: str, reference_: Callable, direction: torch.Tensor, *args) -> None:
-    """refusal::orthogonalize_<fmt>(*args) on the backend of the storage's device (args[0]).
-
-    CPU storage runs the C++ kernel, which checks the direction's data itself. CUDA storage
-    runs the CUDA kernel when built (and chosen), else the Triton kernel for the formats that
-    have one, else `reference_(*args)`; the direction is checked here, once per version.
-    """
-    op = getattr(torch.ops.refusal, f"orthogonalize_{fmt}")
-    target = args[0]
-    _check_data_once(direction, "direction", _nonzero_finite_rows, target)
-    # Meta tensors reach the fake kernel through the dispatcher.
-    backend = "dispatcher" if target.device.type in ("cpu", "meta") else backends.get_backend()
-    if backend == "dispatcher" or (backend == "cuda" and has_kernel(f"orthogonalize_{fmt}", "CUDA")):
-        op(*args)
-    elif backend in ("cuda", "triton") and fmt in TRITON_FORMATS:
-        from ..backends.triton import quant
-
-        getattr(quant, f"orthogonalize_{fmt}_")(*args)
-    else:
-        reference_(*args)
 
 
 def g_idx_problem(g_idx: torch.Tensor, num_groups: int) -> str | None:
@@ -79,13 +197,13 @@ def _check_contiguous(t: torch.Tensor, name: str) -> None:
 def _check_storage(t: torch.Tensor, name: str, dtypes: tuple[torch.dtype, ...], target: torch.Tensor) -> None:
     _check_dtype(t, name, dtypes)
     _check_contiguous(t, name)
-    _check_same_device(t, name, target, "the quantized weight")
+    check_same_device(t, name, target, "the quantized weight")
 
 
 def _check_common(qweight: torch.Tensor, direction: torch.Tensor, out_features: int, scale: float) -> None:
-    _check_vector(direction, "direction", out_features, "the weight's d_model (out_features)")
-    _check_same_device(direction, "direction", qweight, "the quantized weight")
-    _check_scale(scale)
+    check_vector(direction, "direction", out_features, "the weight's d_model (out_features)")
+    check_same_device(direction, "direction", qweight, "the quantized weight")
+    check_scale(scale)
 
 
 def _check_group_size(in_features: int, group_size: int) -> int:
@@ -99,7 +217,7 @@ def check_int8(qweight, row_scale, direction, scale) -> None:
     if qweight.dim() != 2:
         raise ValueError(f"qweight must be 2-D [out, in], got shape {tuple(qweight.shape)}")
     out_features = qweight.shape[0]
-    _check_float(row_scale, "row_scale")
+    check_float(row_scale, "row_scale")
     _check_storage(row_scale, "row_scale", (row_scale.dtype,), qweight)
     if tuple(row_scale.shape) not in ((out_features,), (out_features, 1)):
         raise ValueError(
@@ -111,7 +229,7 @@ def check_int8(qweight, row_scale, direction, scale) -> None:
 def _check_int4_groups(qzeros, scales, num_groups: int, out_features: int, qweight) -> None:
     _check_storage(qzeros, "qzeros", (torch.int32,), qweight)
     _check_shape(qzeros, "qzeros", (num_groups, out_features // 8), "[groups, out / 8]")
-    _check_float(scales, "scales")
+    check_float(scales, "scales")
     _check_storage(scales, "scales", (scales.dtype,), qweight)
     _check_shape(scales, "scales", (num_groups, out_features), "[groups, out]")
 
@@ -163,7 +281,7 @@ def check_fp8(weight, weight_scale, direction, scale) -> tuple[int, int]:
     _check_storage(weight, "weight", (torch.float8_e4m3fn,), weight)
     if weight.dim() != 2:
         raise ValueError(f"weight must be 2-D [out, in], got shape {tuple(weight.shape)}")
-    _check_float(weight_scale, "weight_scale")
+    check_float(weight_scale, "weight_scale")
     _check_storage(weight_scale, "weight_scale", (weight_scale.dtype,), weight)
     block = fp8_block_shape(weight, weight_scale)
     _check_common(weight, direction, weight.shape[0], scale)
@@ -201,30 +319,3 @@ def check_nf4(
         _check_storage(nested_code, "nested_code", (torch.float32,), packed)
         _check_shape(nested_code, "nested_code", (256,), "the 8-bit levels")
     return out_features, numel // out_features
-
-
-@torch.library.register_fake("refusal::orthogonalize_int8")
-def _(qweight, row_scale, direction, scale=1.0, absmax_scale=False):
-    check_int8(qweight, row_scale, direction, scale)
-
-
-@torch.library.register_fake("refusal::orthogonalize_gptq")
-def _(qweight, qzeros, scales, g_idx, direction, group_size, scale=1.0, zeros_format="v1"):
-    check_gptq(qweight, qzeros, scales, g_idx, direction, group_size, scale, zeros_format)
-
-
-@torch.library.register_fake("refusal::orthogonalize_awq")
-def _(qweight, qzeros, scales, direction, group_size, scale=1.0):
-    check_awq(qweight, qzeros, scales, direction, group_size, scale)
-
-
-@torch.library.register_fake("refusal::orthogonalize_fp8")
-def _(weight, weight_scale, direction, scale=1.0):
-    check_fp8(weight, weight_scale, direction, scale)
-
-
-@torch.library.register_fake("refusal::orthogonalize_nf4")
-def _(packed, absmax, code, direction, blocksize, nested_absmax, nested_offset, nested_code, nested_blocksize, scale):
-    check_nf4(
-        packed, absmax, code, direction, blocksize, nested_absmax, nested_offset, nested_code, nested_blocksize, scale
-    )
