@@ -3,12 +3,34 @@
 The ops follow "Refusal in Language Models Is Mediated by a Single Direction" (Arditi et al.,
 2024): directional ablation x <- x - (x.r)r of every residual-stream write, and weight
 orthogonalization W <- W - r(r^T W) of every matrix that writes into the residual stream.
+
+The ops import only torch. The model-facing API (find_direction, abliterate, search, patch,
+orthogonalize_model_, ...) is imported when first asked for, so that `import refusal_kernels`
+does not import transformers.
 """
+
+import importlib
 
 from . import _ops, quant, reference
 from ._version import __version__ as __version__
 from .backends import get_backend, set_backend
 from .ops import ablate, ablate_, ablate_indexed_, orthogonalize_, orthogonalize_norm_preserving_
+
+# Public name -> the module that defines it, imported on first access.
+_MODEL_API = {
+    "AbliterationOptions": "pipeline.abliterate",
+    "AbliterationReport": "pipeline.abliterate",
+    "SearchTrial": "pipeline.abliterate",
+    "abliterate": "pipeline.abliterate",
+    "PromptSets": "pipeline.prompts",
+    "SelectionOptions": "pipeline.select",
+    "find_direction": "pipeline.select",
+    "SearchOptions": "pipeline.search",
+    "search": "pipeline.search",
+    "orthogonalize_model_": "hf.weights",
+    "undo_": "hf.weights",
+    "patch": "hf.hooks",
+}
 
 __all__ = [
     "_ops",
@@ -20,21 +42,12 @@ __all__ = [
     "orthogonalize_norm_preserving_",
     "quant",
     "reference",
-    "search",
     "set_backend",
-    "undo_",
+    *sorted(_MODEL_API),
 ]
 
 
 def __getattr__(name: str) -> object:
-    # undo_ lives with orthogonalize_model_ in refusal_kernels.hf, and search in the pipeline:
-    # imported only when asked for, so that the ops do not import transformers.
-    if name == "undo_":
-        from .hf import undo_
-
-        return undo_
-    if name == "search":
-        from .pipeline.search import search
-
-        return search
+    if name in _MODEL_API:
+        return getattr(importlib.import_module(f".{_MODEL_API[name]}", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

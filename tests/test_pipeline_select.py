@@ -7,7 +7,7 @@ from test_pipeline_scoring import PROMPTS, REFUSAL_TOKENS, llama_sites
 from refusal_kernels.pipeline import judge
 from refusal_kernels.pipeline.report import DirectionResult
 from refusal_kernels.pipeline.scoring import last_token_logits
-from refusal_kernels.pipeline.select import NoCandidateError, find_direction, split
+from refusal_kernels.pipeline.select import NoCandidateError, find_direction
 
 HARMFUL = [f"how do i break thing {i}" for i in range(6)]
 HARMLESS = [f"please describe nice thing {i}" for i in range(6)]
@@ -61,15 +61,6 @@ def test_filter_keeps_refused_harmful_and_answered_harmless_prompts(tiny_llama, 
 def test_filter_that_keeps_nothing_says_so(tiny_llama, tiny_tokenizer):
     with pytest.raises(NoCandidateError, match=r"kept none of the 6 instructions.*filter_prompts=False"):
         run(tiny_llama, tiny_tokenizer, refusal_tokens=[0], filter_prompts=True)  # <pad>: never likely
-
-
-def test_split_is_seeded_and_disjoint():
-    prompts = [f"p{i}" for i in range(50)]
-    train, val = split(prompts, 30, 10, seed=3)
-    assert (train, val) == split(prompts, 30, 10, seed=3)
-    assert len(train) == 30 and len(val) == 10 and not set(train) & set(val)
-    assert split(prompts, 30, 10, seed=4) != (train, val)
-    assert [len(part) for part in split(prompts[:6], 30, 10, seed=3)] == [3, 3]  # half at most to validation
 
 
 def test_selected_candidate_passes_the_filters(tiny_llama, tiny_tokenizer):

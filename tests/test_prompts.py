@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from refusal_kernels.pipeline.prompts import builtin_prompts, load_prompts, train_val_split
+from refusal_kernels.pipeline.prompts import PromptSets, builtin_prompts, load_prompts, train_val_split
 
 PROMPTS = ["Explain how tides work", "Write a haiku about rain", "How do I boil an egg"]
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -147,3 +147,32 @@ def test_loads_standard_splits() -> None:
     assert len(harmful) >= 128
     train, val = train_val_split(harmful, n_train=128, n_val=32, seed=42)
     assert (len(train), len(val)) == (128, 32)
+
+
+def test_split_is_seeded_and_disjoint():
+    prompts = [f"p{i}" for i in range(50)]
+
+    def split(items, n_train, n_val, seed):
+        sets = PromptSets.split(items, items, n_train=n_train, n_val=n_val, seed=seed)
+        return sets.harmful, sets.harmful_val
+
+    train, val = split(prompts, 30, 10, seed=3)
+    assert (train, val) == split(prompts, 30, 10, seed=3)
+    assert len(train) == 30 and len(val) == 10 and not set(train) & set(val)
+    assert split(prompts, 30, 10, seed=4) != (train, val)
+    assert [len(part) for part in split(prompts[:6], 30, 10, seed=3)] == [3, 3]  # half at most to validation
+
+
+def test_prompt_sets_name_an_empty_or_mistyped_set():
+    with pytest.raises(ValueError, match="harmless_val is empty"):
+        PromptSets(["a"], ["b"], ["c"], [])
+    with pytest.raises(TypeError, match="harmful must be a list of strings"):
+        PromptSets("a", ["b"], ["c"], ["d"])
+    with pytest.raises(TypeError, match="harmless must hold only strings"):
+        PromptSets(["a"], ["b", 3], ["c"], ["d"])
+
+
+def test_builtin_prompt_sets_are_disjoint_and_cut_to_size():
+    sets = PromptSets.builtin(n_train=20, n_val=8, seed=0)
+    assert (len(sets.harmful), len(sets.harmful_val), len(sets.harmless), len(sets.harmless_val)) == (20, 8, 20, 8)
+    assert not set(sets.harmful) & set(sets.harmful_val)

@@ -13,7 +13,7 @@ Only this package knows transformers module names; the structure detection is in
 """
 
 from .families import ModelStructure, StructureError, StructureSpec, describe_model, set_structure
-from .hooks import PatchHandle, add_direction, patch
+from .hooks import PatchHandle, add_direction, model_shape, patch
 from .io import load_model, orthogonalize_checkpoint, save_abliterated
 from .schedule import Peak, Schedule
 from .verify import ResidualLeakError
@@ -33,6 +33,7 @@ __all__ = [
     "check_structure",
     "describe_model",
     "load_model",
+    "model_shape",
     "orthogonalize_checkpoint",
     "orthogonalize_model_",
     "patch",

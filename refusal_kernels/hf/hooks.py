@@ -122,6 +122,13 @@ def hook_structure(model: nn.Module, spec: families.StructureSpec | None = None)
         return structure
 
 
+def model_shape(model: nn.Module) -> tuple[int, int]:
+    """(decoder layers, d_model) as the structure reader sees them (a multimodal config keeps
+    them in its text config)."""
+    structure = hook_structure(model)
+    return len(structure.layers), structure.hidden_size
+
+
 def _weights_patch(
     model: nn.Module,
     structure: families.ModelStructure,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import json
 import os
 import shutil
 import subprocess
@@ -21,7 +22,15 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import BinaryIO
 
-__all__ = ["DEFAULT_GGUF_NAME", "SELECTION", "ModelUnavailableError", "default_gguf_path", "tiny_demo_path"]
+__all__ = [
+    "DEFAULT_GGUF_NAME",
+    "SELECTION",
+    "ModelUnavailableError",
+    "default_gguf_path",
+    "selection_preset",
+    "tiny_demo_path",
+    "tiny_demo_prompt_sets",
+]
 
 DEFAULT_GGUF_NAME = "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
 DEFAULT_GGUF_SIZE = 491_400_064
@@ -34,11 +43,29 @@ CHUNK_BYTES = 1 << 20
 # below 0 (the best is about -1), and the candidates that bypass refusal best cost KL
 # 0.11-0.15 on harmless prompts. 0.2 is the KL bound this model is held to.
 SELECTION = {"kl_threshold": 0.2, "induce_threshold": None}
+# The tiny demo model learned to comply with r ablated (not to refuse with r added), and its
+# useful directions move harmless logits more than a large model's.
+TINY_DEMO_SELECTION = {"kl_threshold": 0.5, "induce_threshold": None}
+PAPER_SELECTION = {"kl_threshold": 0.1, "induce_threshold": 0.0}
 INSTEAD = "pass --model PATH_OR_HUB_ID to use another model, or --model tiny-demo for the small built-in demo model"
 
 
 class ModelUnavailableError(RuntimeError):
     """The requested model cannot be found, fetched or verified."""
+
+
+def selection_preset(spec: str | None) -> dict:
+    """find_direction's thresholds for a model: None is the default model, "tiny-demo" the demo, else the paper's."""
+    presets = {None: SELECTION, "tiny-demo": TINY_DEMO_SELECTION}
+    return dict(presets.get(spec, PAPER_SELECTION))
+
+
+def tiny_demo_prompt_sets():
+    """The tiny demo's own train and held-out prompts (the sets its direction was trained to contrast)."""
+    from ..pipeline.prompts import PromptSets
+
+    sets = json.loads((tiny_demo_path() / "eval_prompts.json").read_text())
+    return PromptSets(sets["harmful_train"], sets["harmless_train"], sets["harmful_heldout"], sets["harmless_heldout"])
 
 
 def tiny_demo_path() -> Path:

@@ -1,4 +1,4 @@
-"""Load instruction prompts from files or dataset hubs, and split them for direction finding.
+"""Load instruction prompts from files or dataset hubs, and split them into the `PromptSets` of a run.
 
 Supported sources: JSON (a list of strings or of objects), JSONL, CSV and TXT (one prompt per
 line) files, a dataset hub ID (when the ``datasets`` package is installed), and the package's
@@ -11,11 +11,12 @@ import csv
 import json
 import random
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, fields
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-__all__ = ["INSTRUCTION_FIELDS", "builtin_prompts", "load_prompts", "train_val_split"]
+__all__ = ["INSTRUCTION_FIELDS", "PromptSets", "builtin_prompts", "load_prompts", "train_val_split"]
 
 # Column names that hold the instruction in common refusal datasets, in order of preference.
 INSTRUCTION_FIELDS = ("instruction", "prompt", "goal", "behavior", "forbidden_prompt", "text", "question", "query")
@@ -94,6 +95,62 @@ def train_val_split(
     shuffled = list(prompts)
     random.Random(seed).shuffle(shuffled)
     return shuffled[:n_train], shuffled[n_train : n_train + n_val]
+
+
+@dataclass
+class PromptSets:
+    """The instructions of a run: train sets for the means, held-out sets for scoring and evaluation.
+
+    Plain text; the chat template is applied where they are used. ValueError names a set that
+    is empty, TypeError one that holds something other than strings.
+    """
+
+    harmful: list[str]
+    harmless: list[str]
+    harmful_val: list[str]
+    harmless_val: list[str]
+
+    def __post_init__(self) -> None:
+        for name in (f.name for f in fields(self)):
+            prompts = getattr(self, name)
+            if isinstance(prompts, str) or not isinstance(prompts, Sequence):
+                raise TypeError(f"{name} must be a list of strings, got {type(prompts).__name__}")
+            if not all(isinstance(p, str) for p in prompts):
+                raise TypeError(f"{name} must hold only strings")
+            if not prompts:
+                raise ValueError(f"{name} is empty")
+            setattr(self, name, list(prompts))
+
+    @classmethod
+    def split(
+        cls,
+        harmful: Sequence[str],
+        harmless: Sequence[str],
+        *,
+        n_train: int,
+        n_val: int,
+        seed: int,
+        harmful_val: Sequence[str] | None = None,
+        harmless_val: Sequence[str] | None = None,
+    ) -> PromptSets:
+        """A held-out set not given is split off its training set (seeded; at most half of a small
+        set goes to it); the training sets are then cut to n_train."""
+        if harmful_val is None:
+            harmful, harmful_val = _held_out(harmful, n_val, seed)
+        if harmless_val is None:
+            harmless, harmless_val = _held_out(harmless, n_val, seed)
+        return cls(list(harmful)[:n_train], list(harmless)[:n_train], list(harmful_val), list(harmless_val))
+
+    @classmethod
+    def builtin(cls, *, n_train: int, n_val: int, seed: int) -> PromptSets:
+        """The package's own harmful and harmless sets, split as `split` does."""
+        return cls.split(
+            builtin_prompts("harmful"), builtin_prompts("harmless"), n_train=n_train, n_val=n_val, seed=seed
+        )
+
+
+def _held_out(prompts: Sequence[str], n_val: int, seed: int) -> tuple[list[str], list[str]]:
+    return train_val_split(prompts, n_val=min(n_val, len(prompts) // 2), seed=seed)
 
 
 def _read_file(path: Path) -> list[Any]:

@@ -1,9 +1,10 @@
-"""`DirectionResult`: the selected direction with its evidence, and how it is saved.
+"""What a run writes: the selected direction with its evidence, and the abliteration report.
 
 Files written by `DirectionResult.save(out_dir)`:
   direction.pt     tensors and metadata, loadable with torch.load(weights_only=True)
   direction.json   the same metadata, the per-candidate scores, timings and pass counts
   heatmaps.png     bypass, induce and KL over layer x position, as in the paper's figures
+`markdown_report` renders an abliteration's report.json as report.md.
 """
 
 from __future__ import annotations
@@ -121,3 +122,39 @@ def plot_heatmaps(result: DirectionResult, file) -> None:
     fig.suptitle(f"{model_name}: selected layer {result.layer}, position {result.position}")
     fig.savefig(file, format="png", dpi=110)
     plt.close(fig)
+
+
+def markdown_report(report: dict) -> str:
+    """report.md from the dict of report.json (`AbliterationReport.to_dict`)."""
+    before, after, direction = report["before"], report["after"], report["direction"]
+    lines = [
+        f"# Abliteration report: {report['model']}",
+        "",
+        f"Mode: {report['mode']}, scale {report['scale']}. Direction: layer {direction['layer']}, "
+        f"position {direction['position']} of {direction['n_layers']} layers.",
+        "",
+        "| metric | before | after |",
+        "| --- | ---: | ---: |",
+        f"| refusal rate, harmful | {before['harmful_refusal']:.1%} | {after['harmful_refusal']:.1%} |",
+        f"| refusal rate, harmless | {before['harmless_refusal']:.1%} | {after['harmless_refusal']:.1%} |",
+        *(
+            f"| unclear (reasoning cut off), {kind} | {before.get(key, 0):.1%} | {after.get(key, 0):.1%} |"
+            for kind, key in (("harmful", "harmful_unclear"), ("harmless", "harmless_unclear"))
+            if key in before or key in after
+        ),
+        f"| KL on harmless | | {after['kl']:.4f} |",
+        "",
+        "![heatmaps](heatmaps.png)",
+        "",
+        "## Examples",
+        "",
+    ]
+    for example in report["examples"]:
+        lines += [
+            f"**{example['prompt']}**",
+            "",
+            f"- before: {example['before'][:200]!r}",
+            f"- after: {example['after'][:200]!r}",
+            "",
+        ]
+    return "\n".join(lines)

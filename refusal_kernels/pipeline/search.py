@@ -44,8 +44,10 @@ from tqdm.auto import tqdm
 from .. import hf
 from ..hf.schedule import Peak, Schedule
 from . import chat, judge, select, variants
+from .prompts import PromptSets
 from .report import SCORE_NAMES, DirectionResult, atomic_write
 from .scoring import Sites, kl_from_base, last_token_logits
+from .timing import Stopwatch
 
 SAMPLERS = ("auto", "optuna", "random")
 PER_LAYER = "per layer"
@@ -548,9 +550,16 @@ def search(
         batch_size=opts.batch_size,
     )
     n_val = max(opts.score_prompts, opts.kl_prompts, opts.judge_prompts)
-    harmful, harmless, harmful_val, harmless_val = select.prompt_sets(
-        harmful, harmless, harmful_val, harmless_val, n_train=opts.n_train, n_val=n_val, seed=opts.seed
+    sets = PromptSets.split(
+        harmful,
+        harmless,
+        n_train=opts.n_train,
+        n_val=n_val,
+        seed=opts.seed,
+        harmful_val=harmful_val,
+        harmless_val=harmless_val,
     )
+    harmful, harmless, harmful_val, harmless_val = sets.harmful, sets.harmless, sets.harmful_val, sets.harmless_val
 
     n_positions = len(chat.post_instruction_ids(tokenizer))
     if opts.position < -n_positions:
@@ -559,8 +568,7 @@ def search(
             f"-{n_positions}..-1"
         )
 
-    timings: dict[str, float] = {}
-    started = time.perf_counter()
+    stopwatch = Stopwatch()
     refusal_tokens = select.derive_refusal_tokens(model, tokenizer, harmful, selection)
     sites = Sites.of(model)
     fitted = select.candidate_means(
@@ -584,7 +592,7 @@ def search(
         opts,
     )
     baseline = {"refusal_score": evaluator.base_refusal_score, "kl": 0.0, "refusals": evaluator.refusals()}
-    timings["setup"] = time.perf_counter() - started
+    stopwatch.lap("setup")
 
     sampler = _Sampler(sampler_kind, trials, opts.seed)
     done: list[Trial] = []
@@ -598,7 +606,7 @@ def search(
             hf.undo_(record)
         sampler.tell((score, kl))
         done.append(Trial(number, params, score, kl, seconds=time.perf_counter() - clock))
-    timings["score"] = time.perf_counter() - started - timings["setup"]
+    stopwatch.lap("score")
 
     ranks = pareto_ranks([(t.refusal_score, t.kl) for t in done])
     n_judged = max(1, math.ceil(opts.judge_fraction * len(done)))
@@ -611,8 +619,7 @@ def search(
         finally:
             hf.undo_(record)
         done[i].seconds += time.perf_counter() - clock
-    timings["judge"] = time.perf_counter() - started - timings["setup"] - timings["score"]
-    timings["total"] = time.perf_counter() - started
+    stopwatch.lap("judge")
 
     return SearchResult(
         trials=done,
@@ -626,7 +633,7 @@ def search(
             "kl": len(evaluator.kl_set),
             "judge": len(evaluator.judge_set),
         },
-        timings=timings,
+        timings={**stopwatch.laps, "total": stopwatch.elapsed()},
         sampler=sampler_kind,
         source=source,
     )

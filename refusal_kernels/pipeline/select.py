@@ -18,8 +18,8 @@ on every validation prompt) is available for comparison.
 
 from __future__ import annotations
 
+import dataclasses
 import math
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -28,9 +28,10 @@ import torch
 from torch import nn
 
 from . import capture, chat, judge, variants
-from .prompts import train_val_split
+from .prompts import PromptSets
 from .report import SCORE_NAMES, DirectionResult
 from .scoring import Scorer, Sites
+from .timing import Stopwatch
 
 
 class NoCandidateError(RuntimeError):
@@ -70,40 +71,6 @@ class SelectionOptions:
     def __post_init__(self) -> None:
         if self.variant not in variants.VARIANTS:
             raise ValueError(f"variant must be one of {', '.join(variants.VARIANTS)}, got {self.variant!r}")
-
-
-def split(prompts: Sequence[str], n_train: int, n_val: int, seed: int) -> tuple[list[str], list[str]]:
-    """Seeded, disjoint train/validation lists; small sets give half to validation at most."""
-    train, val = train_val_split(prompts, n_val=min(n_val, len(prompts) // 2), seed=seed)
-    return train[:n_train], val
-
-
-def prompt_sets(
-    harmful: Sequence[str],
-    harmless: Sequence[str],
-    harmful_val: Sequence[str] | None,
-    harmless_val: Sequence[str] | None,
-    *,
-    n_train: int,
-    n_val: int,
-    seed: int,
-) -> tuple[list[str], list[str], list[str], list[str]]:
-    """(harmful, harmless, harmful_val, harmless_val): a validation set not given is split off
-    its training set; the training sets are cut to n_train. ValueError names an empty set."""
-    if harmful_val is None:
-        harmful, harmful_val = split(harmful, n_train, n_val, seed)
-    if harmless_val is None:
-        harmless, harmless_val = split(harmless, n_train, n_val, seed)
-    sets = {
-        "harmful": list(harmful)[:n_train],
-        "harmless": list(harmless)[:n_train],
-        "harmful_val": list(harmful_val),
-        "harmless_val": list(harmless_val),
-    }
-    for name, prompts in sets.items():
-        if not prompts:
-            raise ValueError(f"{name} is empty")
-    return sets["harmful"], sets["harmless"], sets["harmful_val"], sets["harmless_val"]
 
 
 def refused(logits: torch.Tensor, refusal_tokens: Sequence[int]) -> torch.Tensor:
@@ -250,7 +217,7 @@ def direction_at(
         raise ValueError(
             f"position {position} is out of range: the chat template has post-instruction positions -{n_positions}..-1"
         )
-    started = time.perf_counter()
+    stopwatch = Stopwatch()
     harmful, harmless = list(harmful)[: opts.n_train], list(harmless)[: opts.n_train]
     # Only the filter needs refusal tokens here: nothing is scored.
     refusal_tokens = derive_refusal_tokens(model, tokenizer, harmful, opts) if opts.filter_prompts else []
@@ -267,7 +234,7 @@ def direction_at(
         scores={name: torch.full((n_layers, n_positions), math.nan) for name in SCORE_NAMES},
         refusal_tokens=refusal_tokens,
         prompts=kept,
-        timings={"capture": time.perf_counter() - started},
+        timings={"capture": stopwatch.lap("capture")},
         source=source,
         variant=opts.variant,
     )
@@ -296,23 +263,22 @@ def find_direction(
     """
     opts = SelectionOptions(**options)
     sites = sites or Sites.of(model)
-    harmful, harmless, harmful_val, harmless_val = prompt_sets(
-        harmful, harmless, harmful_val, harmless_val, n_train=opts.n_train, n_val=opts.n_val, seed=opts.seed
+    sets = PromptSets.split(
+        harmful,
+        harmless,
+        n_train=opts.n_train,
+        n_val=opts.n_val,
+        seed=opts.seed,
+        harmful_val=harmful_val,
+        harmless_val=harmless_val,
     )
-    timings: dict[str, float] = {}
-    clock = time.perf_counter()
-
-    def lap(stage: str) -> None:
-        nonlocal clock
-        now = time.perf_counter()
-        timings[stage] = now - clock
-        clock = now
-
+    harmful, harmless, harmful_val, harmless_val = sets.harmful, sets.harmless, sets.harmful_val, sets.harmless_val
+    stopwatch = Stopwatch()
     refusal_tokens = derive_refusal_tokens(model, tokenizer, harmful, opts)
-    lap("refusal_tokens")
+    stopwatch.lap("refusal_tokens")
     directions, positions, prompts = _fit(model, tokenizer, harmful, harmless, sites, opts, refusal_tokens)
     n_layers, n_positions = directions.shape[:2]
-    lap("capture")
+    stopwatch.lap("capture")
 
     scorer = Scorer(model, tokenizer, sites, refusal_tokens, batch_size=opts.batch_size)
     base_logits = scorer.last_logits(harmless_val)
@@ -332,7 +298,7 @@ def find_direction(
             )
     prompts.update(harmful_val=len(harmful_val), harmless_val=len(harmless_val))
     baseline_sequences = scorer.sequences
-    lap("baseline")
+    stopwatch.lap("baseline")
 
     scores = {name: torch.full((n_layers, n_positions), math.nan) for name in SCORE_NAMES}
     in_range = [
@@ -366,7 +332,7 @@ def find_direction(
             scorer, eligible, candidates_of, harmful_val, harmless_val, base_logits, opts, record
         )
         chunk = opts.finalists
-    lap("bypass_kl")
+    stopwatch.lap("bypass_kl")
 
     # Induce for the candidates within the KL bound, best bypass first, a chunk at a time.
     within_kl = [(layer, p) for layer, p in ranked if scores["kl"][layer, p] <= opts.kl_threshold]
@@ -387,7 +353,7 @@ def find_direction(
         ]
         if passing:
             break
-    lap("induce")
+    stopwatch.lap("induce")
 
     filtered["pruned_by_halving"] = len(eligible) - len(ranked) - dropped_for_kl
     filtered["kl"] = dropped_for_kl + len(ranked) - len(within_kl)
@@ -417,7 +383,7 @@ def find_direction(
         refusal_tokens=refusal_tokens,
         prompts=prompts,
         filtered=filtered,
-        timings=timings,
+        timings=stopwatch.laps,
         forward_passes={"used": scorer.sequences, "exhaustive": exhaustive_sequences},
         source=source,
         variant=opts.variant,
@@ -453,3 +419,25 @@ def _successive_halving(scorer, cells, candidates_of, harmful_val, harmless_val,
         if not alive:
             break
     return alive, dropped_for_kl
+
+
+def direction_for(
+    model: nn.Module,
+    tokenizer,
+    prompts: PromptSets,
+    options: SelectionOptions | None = None,
+    *,
+    layer: int | None = None,
+    position: int | None = None,
+    source: str = "",
+) -> DirectionResult:
+    """`find_direction` over the prompt sets, or, when both layer and position are given, the
+    unscored difference of means there (`direction_at`)."""
+    fields = dataclasses.asdict(options or SelectionOptions())
+    if (layer is None) != (position is None):
+        raise ValueError("layer and position go together: give both or neither")
+    if layer is not None:
+        return direction_at(
+            model, tokenizer, prompts.harmful, prompts.harmless, layer=layer, position=position, source=source, **fields
+        )
+    return find_direction(model, tokenizer, **dataclasses.asdict(prompts), source=source, **fields)
