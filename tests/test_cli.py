@@ -7,6 +7,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from refusal_kernels import cli
+from refusal_kernels.models import selection_preset
+from refusal_kernels.pipeline.options import AbliterationOptions, SearchOptions, SelectionOptions
 from refusal_kernels.pipeline.report import DirectionResult
 
 HARMFUL = [f"how do i break thing {i}" for i in range(8)]
@@ -174,3 +176,37 @@ def test_abliterate_tiny_demo_removes_refusal(tmp_path, capsys):
     assert after["harmless_ce"] < 1.0  # the base model's benign answers stay likely
     reloaded = AutoModelForCausalLM.from_pretrained(out)
     assert reloaded.config.num_hidden_layers == 4
+
+
+# Each flag and the options field it sets: its default must be the field's, per command.
+FLAG_FIELDS = {
+    "abliterate": {
+        "n_train": (SelectionOptions, "n_train"),
+        "n_val": (SelectionOptions, "n_val"),
+        "seed": (SelectionOptions, "seed"),
+        "variant": (SelectionOptions, "variant"),
+        "max_new_tokens": (AbliterationOptions, "max_new_tokens"),
+        "mode": (AbliterationOptions, "mode"),
+        "scale": (AbliterationOptions, "scale"),
+    },
+    "search": {
+        "n_train": (SearchOptions, "n_train"),
+        "seed": (SearchOptions, "seed"),
+        "sampler": (SearchOptions, "sampler"),
+        **{name: (SearchOptions, name) for name in cli.SEARCH_SET_SIZES},
+    },
+}
+
+
+@pytest.mark.parametrize("command", FLAG_FIELDS)
+def test_every_flag_defaults_to_its_options_field(command):
+    args = cli.build_parser().parse_args([command, "--out", "unused"])
+    for dest, (options_type, name) in FLAG_FIELDS[command].items():
+        assert getattr(args, dest) == getattr(options_type(), name), f"{command} --{dest}"
+
+
+@pytest.mark.parametrize("model", [None, "tiny-demo", "some/model"])
+def test_abliterate_without_flags_selects_with_the_library_defaults_and_the_model_preset(model):
+    argv = ["abliterate", "--out", "unused", *(["--model", model] if model else [])]
+    args = cli.build_parser().parse_args(argv)
+    assert cli.selection_options(args) == SelectionOptions(**selection_preset(model))

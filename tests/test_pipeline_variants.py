@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from refusal_kernels.pipeline import select, variants
+from refusal_kernels.pipeline.options import SelectionOptions
 from refusal_kernels.pipeline.report import DirectionResult
 
 
@@ -99,7 +100,7 @@ def test_candidates_of_each_variant():
     with pytest.raises(ValueError, match="variant must be one of"):
         variants.candidates(harmful, harmless, "sideways")
     with pytest.raises(ValueError, match="variant must be one of"):
-        select.SelectionOptions(variant="sideways")
+        SelectionOptions(variant="sideways")
 
 
 def test_candidate_means_give_the_difference_candidates(tiny_llama, tiny_tokenizer):

@@ -18,30 +18,11 @@ from torch import nn
 from .. import hf
 from . import select
 from .evaluate import Evaluation, evaluate
+from .options import AbliterationOptions
 from .prompts import PromptSets
 from .report import DirectionResult, atomic_write, markdown_report
 from .search import SearchResult
 from .timing import Stopwatch
-
-MODES = ("weights", "hooks")
-
-
-@dataclass
-class AbliterationOptions:
-    mode: str = "weights"  # "weights": orthogonalize the matrices in place; "hooks": ablate at run time
-    scale: float = 1.0  # 1 removes the direction; see `refusal_kernels.ablate_`
-    max_new_tokens: int = 64  # answer length when judging refusals
-    # Both set: take the difference of means at this cell, unscored, instead of selecting one.
-    layer: int | None = None
-    position: int | None = None
-    selection: select.SelectionOptions = field(default_factory=select.SelectionOptions)
-    examples: int = 5  # harmful prompts whose answers before and after the report shows
-
-    def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
-        if (self.layer is None) != (self.position is None):
-            raise ValueError("layer and position go together: give both or neither")
 
 
 @dataclass

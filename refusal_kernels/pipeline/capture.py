@@ -15,7 +15,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..hf.writes import layer_input
-from . import chat
+from . import chat, judge
 
 
 @dataclass
@@ -63,7 +63,7 @@ def mean_activations(
         for batch in tqdm(list(chat.batches(tokenizer, instructions, batch_size)), desc=description, leave=False):
             logits = model(**batch.to(device).model_inputs(), use_cache=False, logits_to_keep=1).logits[:, -1]
             rows = torch.ones(len(batch.rows), dtype=torch.bool) if keep is None else keep(logits.float().cpu())
-            kept += [row for row, kept_row in zip(batch.rows, rows.tolist(), strict=True) if kept_row]
+            kept += judge.kept(batch.rows, rows)
             for i, tail in enumerate(tails):
                 total = tail[rows.to(tail.device)].sum(0)
                 sums[i] = total if sums[i] is None else sums[i].add_(total)

@@ -86,6 +86,17 @@ def post_instruction_ids(tokenizer, *, thinking: bool | None = None) -> list[int
     return first[len(first) - n :]
 
 
+def check_position(tokenizer, position: int) -> int:
+    """The number of post-instruction positions; ValueError unless `position` indexes one (-n..-1)."""
+    n_positions = len(post_instruction_ids(tokenizer))
+    if isinstance(position, bool) or not isinstance(position, int) or not -n_positions <= position < 0:
+        raise ValueError(
+            f"position {position!r} is out of range: the chat template has post-instruction positions "
+            f"-{n_positions}..-1"
+        )
+    return n_positions
+
+
 @dataclass
 class Batch:
     input_ids: torch.Tensor  # [B, T] int64, left-padded

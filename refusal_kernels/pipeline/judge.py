@@ -211,3 +211,18 @@ def refusal_score(logits: torch.Tensor, refusal_ids: Sequence[int]) -> torch.Ten
     log_p = torch.logsumexp(log_probs[..., list(refusal_ids)], dim=-1)
     log_not_p = torch.log1p(-log_p.exp().clamp(max=1 - 1e-7))
     return log_p - log_not_p
+
+
+def refused(logits: torch.Tensor, refusal_tokens: Sequence[int]) -> torch.Tensor:
+    """Which prompts the model refuses, from next-token logits [B, vocab]: refusal score > 0."""
+    return refusal_score(logits, refusal_tokens) > 0
+
+
+def answered(logits: torch.Tensor, refusal_tokens: Sequence[int]) -> torch.Tensor:
+    """Which prompts the model answers: refusal score < 0 (a score of exactly 0 is neither)."""
+    return refusal_score(logits, refusal_tokens) < 0
+
+
+def kept(items: Sequence, mask: torch.Tensor) -> list:
+    """The items where mask ([len(items)] bool, e.g. `refused(...)`) is True, in order."""
+    return [item for item, keep in zip(items, mask.tolist(), strict=True) if keep]

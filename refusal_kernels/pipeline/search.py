@@ -44,34 +44,13 @@ from tqdm.auto import tqdm
 from .. import hf
 from ..hf.schedule import Peak, Schedule
 from . import chat, judge, select, variants
+from .options import SAMPLERS, SearchOptions, SearchSpace
 from .prompts import PromptSets
 from .report import SCORE_NAMES, DirectionResult, atomic_write
 from .scoring import Sites, kl_from_base, last_token_logits
 from .timing import Stopwatch
 
-SAMPLERS = ("auto", "optuna", "random")
 PER_LAYER = "per layer"
-
-
-@dataclass(frozen=True)
-class SearchSpace:
-    """The ranges trials are drawn from; positions and distances are fractions of the last layer
-    index L - 1, as in heretic 1.4.0 (whose defaults these are).
-
-    direction: the fractional layer index of the global direction, clipped below by the first
-        layer with a nonzero direction. heretic reads the residual after layer i, which is our
-        layer i + 1's input: its 0.4-0.9 is about our 0.4-1.0.
-    max_weight: a Peak's max_weight.
-    max_weight_position: a Peak's max_weight_position.
-    min_weight_fraction: a Peak's min_weight as a fraction of its max_weight.
-    min_weight_distance: a Peak's min_weight_distance, in layers (the upper end a fraction of L - 1).
-    """
-
-    direction: tuple[float, float] = (0.4, 1.0)
-    max_weight: tuple[float, float] = (0.8, 1.5)
-    max_weight_position: tuple[float, float] = (0.6, 1.0)
-    min_weight_fraction: tuple[float, float] = (0.0, 1.0)
-    min_weight_distance: tuple[float, float] = (1.0, 0.6)
 
 
 @dataclass(frozen=True)
@@ -342,25 +321,6 @@ def apply_trial(
     )
 
 
-@dataclass
-class SearchOptions:
-    n_train: int = 64  # prompts of each kind for the means
-    score_prompts: int = 16  # harmful prompts for the refusal score (every trial)
-    kl_prompts: int = 16  # harmless prompts for the KL (every trial)
-    judge_prompts: int = 16  # harmful prompts answered and judged (judged trials)
-    judge_tokens: int = 12  # greedy tokens per judged answer
-    judge_fraction: float = 0.5  # fraction of the trials that are judged, best first
-    sampler: str = "auto"  # "optuna" (TPE), "random", or "auto": optuna when installed
-    position: int = -1  # the post-instruction position the means are read at
-    filter_prompts: bool = True  # fit and score on the harmful prompts the model refuses, as select does
-    refusal_tokens: Sequence[int] | None = None  # derived from the model when None
-    probe_prompts: int = 32  # harmful training prompts answered to find refusal tokens
-    probe_tokens: int = 8
-    batch_size: int = 32
-    seed: int = 0
-    space: SearchSpace = field(default_factory=SearchSpace)
-
-
 def _check_options(trials: int, opts: SearchOptions) -> None:
     if isinstance(trials, bool) or not isinstance(trials, int) or trials < 1:
         raise ValueError(f"trials must be an int >= 1, got {trials!r}")
@@ -372,8 +332,6 @@ def _check_options(trials: int, opts: SearchOptions) -> None:
         raise ValueError(f"judge_fraction must be in (0, 1], got {opts.judge_fraction!r}")
     if opts.sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {opts.sampler!r}")
-    if isinstance(opts.position, bool) or not isinstance(opts.position, int) or opts.position >= 0:
-        raise ValueError(f"position must be a negative int, got {opts.position!r}")
 
 
 class _Sampler:
@@ -498,8 +456,8 @@ def _refused_prompts(
     kept: list[str] = []
     for start in range(0, len(prompts), batch_size):
         chunk = list(prompts[start : start + batch_size])
-        refused = select.refused(last_token_logits(model, tokenizer, chunk, batch_size), refusal_tokens)
-        kept += [p for p, keep in zip(chunk, refused.tolist(), strict=True) if keep]
+        refused = judge.refused(last_token_logits(model, tokenizer, chunk, batch_size), refusal_tokens)
+        kept += judge.kept(chunk, refused)
         if len(kept) >= wanted:
             return kept[:wanted]
     if not kept:
@@ -541,14 +499,6 @@ def search(
     opts = SearchOptions(**options)
     _check_options(trials, opts)
     sampler_kind = _resolve_sampler(opts.sampler)
-    selection = select.SelectionOptions(
-        n_train=opts.n_train,
-        refusal_tokens=opts.refusal_tokens,
-        probe_prompts=opts.probe_prompts,
-        probe_tokens=opts.probe_tokens,
-        seed=opts.seed,
-        batch_size=opts.batch_size,
-    )
     n_val = max(opts.score_prompts, opts.kl_prompts, opts.judge_prompts)
     sets = PromptSets.split(
         harmful,
@@ -561,15 +511,10 @@ def search(
     )
     harmful, harmless, harmful_val, harmless_val = sets.harmful, sets.harmless, sets.harmful_val, sets.harmless_val
 
-    n_positions = len(chat.post_instruction_ids(tokenizer))
-    if opts.position < -n_positions:
-        raise ValueError(
-            f"position {opts.position} is out of range: the chat template has post-instruction positions "
-            f"-{n_positions}..-1"
-        )
+    chat.check_position(tokenizer, opts.position)
 
     stopwatch = Stopwatch()
-    refusal_tokens = select.derive_refusal_tokens(model, tokenizer, harmful, selection)
+    refusal_tokens = select.derive_refusal_tokens(model, tokenizer, harmful, opts)
     sites = Sites.of(model)
     fitted = select.candidate_means(
         model, tokenizer, harmful, harmless, sites, opts.batch_size, refusal_tokens if opts.filter_prompts else None

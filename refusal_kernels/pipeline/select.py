@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from . import capture, chat, judge, variants
+from .options import FitOptions, SelectionOptions
 from .prompts import PromptSets
 from .report import SCORE_NAMES, DirectionResult
 from .scoring import Scorer, Sites
@@ -41,46 +42,6 @@ class NoCandidateError(RuntimeError):
     def __init__(self, message: str, scores: dict[str, torch.Tensor] | None = None):
         super().__init__(message)
         self.scores = scores
-
-
-@dataclass
-class SelectionOptions:
-    n_train: int = 128  # prompts of each kind for the means
-    n_val: int = 32  # prompts of each kind for scoring
-    max_layer_fraction: float = 0.8  # keep layers < fraction * n_layers
-    kl_threshold: float = 0.1  # keep KL <= this
-    induce_threshold: float | None = 0.0  # keep induce > this; None turns the filter (and its scoring) off
-    # Bypass prompts per halving round. Bypass separates good candidates from bad ones by
-    # several log-odds, so 2 prompts prune the first round safely: on the default model the
-    # pick equals exhaustive scoring's with 4.5x fewer sequences (3.0x with (4, 8, 16)).
-    halving_prompts: tuple[int, ...] = (2, 4, 8)
-    keep_fraction: float = 0.25  # fraction kept after each round
-    finalists: int = 4  # candidates per chunk scored for KL and induce, best bypass first
-    exhaustive: bool = False  # score every candidate on everything (slow; for comparison)
-    # As the paper: fit and score on the harmful prompts the model refuses (refusal score > 0)
-    # and the harmless ones it answers (score < 0); the means then contrast refusing with not.
-    filter_prompts: bool = True
-    batch_size: int = 32
-    refusal_tokens: Sequence[int] | None = None  # derived from the model when None
-    refusal_phrases: Sequence[str] = judge.REFUSAL_PHRASES
-    probe_prompts: int = 64  # harmful training prompts answered to find refusal tokens
-    probe_tokens: int = 8  # enough to reach the judge's phrases ("As an AI" is 3 tokens)
-    seed: int = 42
-    variant: str = variants.DIFFERENCE  # which candidates (see `variants.candidates`)
-
-    def __post_init__(self) -> None:
-        if self.variant not in variants.VARIANTS:
-            raise ValueError(f"variant must be one of {', '.join(variants.VARIANTS)}, got {self.variant!r}")
-
-
-def refused(logits: torch.Tensor, refusal_tokens: Sequence[int]) -> torch.Tensor:
-    """Which prompts the model refuses, from next-token logits [B, vocab]: refusal score > 0."""
-    return judge.refusal_score(logits, refusal_tokens) > 0
-
-
-def answered(logits: torch.Tensor, refusal_tokens: Sequence[int]) -> torch.Tensor:
-    """Which prompts the model answers: refusal score < 0 (a score of exactly 0 is neither)."""
-    return judge.refusal_score(logits, refusal_tokens) < 0
 
 
 @dataclass
@@ -116,8 +77,8 @@ def candidate_means(
     filters = {"harmful": None, "harmless": None}
     if refusal_tokens is not None:
         filters = {
-            "harmful": partial(refused, refusal_tokens=refusal_tokens),
-            "harmless": partial(answered, refusal_tokens=refusal_tokens),
+            "harmful": partial(judge.refused, refusal_tokens=refusal_tokens),
+            "harmless": partial(judge.answered, refusal_tokens=refusal_tokens),
         }
     means = {
         kind: capture.mean_activations(
@@ -156,7 +117,7 @@ def candidate_directions(
     return variants.candidates(means.harmful, means.harmless, variant), means.positions, means.kept
 
 
-def derive_refusal_tokens(model: nn.Module, tokenizer, harmful: Sequence[str], opts: SelectionOptions) -> list[int]:
+def derive_refusal_tokens(model: nn.Module, tokenizer, harmful: Sequence[str], opts: FitOptions) -> list[int]:
     """The caller's refusal tokens, or the first tokens of the model's refusals to `harmful`."""
     if opts.refusal_tokens is not None:
         return list(opts.refusal_tokens)
@@ -212,11 +173,7 @@ def direction_at(
     n_layers = len(sites.layers)
     if not 0 <= layer < n_layers:
         raise ValueError(f"layer {layer} is out of range: the model has layers 0..{n_layers - 1}")
-    n_positions = len(chat.post_instruction_ids(tokenizer))
-    if not -n_positions <= position < 0:
-        raise ValueError(
-            f"position {position} is out of range: the chat template has post-instruction positions -{n_positions}..-1"
-        )
+    n_positions = chat.check_position(tokenizer, position)
     stopwatch = Stopwatch()
     harmful, harmless = list(harmful)[: opts.n_train], list(harmless)[: opts.n_train]
     # Only the filter needs refusal tokens here: nothing is scored.
@@ -283,11 +240,9 @@ def find_direction(
     scorer = Scorer(model, tokenizer, sites, refusal_tokens, batch_size=opts.batch_size)
     base_logits = scorer.last_logits(harmless_val)
     if opts.filter_prompts:
-        keep_harmless = answered(base_logits, refusal_tokens)
-        keep_harmful = refused(scorer.last_logits(harmful_val), refusal_tokens).tolist()
-        harmless_val = [p for p, keep in zip(harmless_val, keep_harmless.tolist(), strict=True) if keep]
-        base_logits = base_logits[keep_harmless]
-        harmful_val = [p for p, keep in zip(harmful_val, keep_harmful, strict=True) if keep]
+        keep_harmless = judge.answered(base_logits, refusal_tokens)
+        harmless_val, base_logits = judge.kept(harmless_val, keep_harmless), base_logits[keep_harmless]
+        harmful_val = judge.kept(harmful_val, judge.refused(scorer.last_logits(harmful_val), refusal_tokens))
         if not harmful_val:
             raise NoCandidateError(
                 "the model refuses none of the harmful_val prompts; pass other prompts or filter_prompts=False"
