@@ -285,7 +285,7 @@ def cmd_abliterate(args) -> int:
         hf.save_abliterated(model, tokenizer, out, metadata=metadata, overwrite=args.overwrite, extra=report.save)
     else:  # hooks are not part of a checkpoint: the direction and the report only
         report.hooks.remove()
-        with hf.io.atomic_directory(out, args.overwrite, protected=[]) as directory:
+        with hf.saving.atomic_directory(out, args.overwrite, protected=[]) as directory:
             report.save(directory)
     report.timings["save"] = stopwatch.lap("save")
     print_table(report.before, report.after, report.direction, report.timings)
@@ -384,7 +384,7 @@ def cmd_search(args) -> int:
         source=spec,
         **{name: getattr(args, name) for name in SEARCH_SET_SIZES},
     )
-    with hf.io.atomic_directory(out, args.overwrite, protected=[]) as directory:
+    with hf.saving.atomic_directory(out, args.overwrite, protected=[]) as directory:
         result.save(directory)
     print(result.pareto_table())
     seconds = ", ".join(f"{stage} {value:.1f}s" for stage, value in result.timings.items())

@@ -80,6 +80,17 @@ def orthogonalize_norm_preserving(
     return _rescaled(_orthogonalized(old, d, scale), old, wf.norm(dim=dim, keepdim=True), dim).to(weight.dtype)
 
 
+def ablate_norm_preserving(x: torch.Tensor, direction: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """ablate, then give each vector its old norm back: v <- ||v|| normalize(v - scale (v.d) d).
+
+    The form `hf.orthogonalize_model_(norm_preserving=True)` gives rows (embeddings, biases);
+    a vector the update empties becomes zero, as in `orthogonalize_norm_preserving`.
+    """
+    d = unit(direction)
+    xf = x.float()
+    return _rescaled(xf - scale * (xf @ d)[..., None] * d, xf, xf.norm(dim=-1, keepdim=True), -1).to(x.dtype)
+
+
 def ablate_eager_(x: torch.Tensor, direction: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
     """The one-liner people write in eager PyTorch (in x's dtype): the baseline benchmarks beat."""
     d = direction / direction.norm()

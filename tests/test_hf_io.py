@@ -13,7 +13,14 @@ from safetensors import safe_open
 from test_hf_families import tiny_direction, tiny_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from refusal_kernels.hf import io, load_model, orthogonalize_checkpoint, orthogonalize_model_, save_abliterated
+from refusal_kernels.hf import (
+    checkpoint,
+    load_model,
+    orthogonalize_checkpoint,
+    orthogonalize_model_,
+    save_abliterated,
+    saving,
+)
 
 INPUT_IDS = torch.tensor([[5, 17, 33, 2, 90, 41, 7, 12]])
 
@@ -90,7 +97,7 @@ def test_save_abliterated_round_trip(tmp_path, source_dir):
     reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
     torch.testing.assert_close(_logits(reloaded), expected, rtol=0, atol=0)
     assert not reloaded.config.tie_word_embeddings
-    record = json.loads((out / io.METADATA_FILE).read_text())
+    record = json.loads((out / saving.METADATA_FILE).read_text())
     assert record["layer"] == 1 and record["scores"] == [0.5]
     torch.testing.assert_close(torch.tensor(record["direction"]), direction)
     assert record["source_model"] == str(source_dir)
@@ -139,7 +146,7 @@ def test_orthogonalize_checkpoint_equals_orthogonalize_model_then_save(tmp_path,
     assert actual.keys() == expected.keys()
     for name, tensor in expected.items():
         assert torch.equal(actual[name], tensor), name
-    index = json.loads((streamed / io.SAFETENSORS_INDEX).read_text())
+    index = json.loads((streamed / checkpoint.SAFETENSORS_INDEX).read_text())
     assert index["weight_map"].keys() == actual.keys()
     assert index["weight_map"]["lm_head.weight"] == index["weight_map"]["model.embed_tokens.weight"]
     reloaded = AutoModelForCausalLM.from_pretrained(streamed).eval()

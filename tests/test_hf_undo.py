@@ -165,6 +165,31 @@ def test_undo_refuses_quantized_writers_before_writing_anything():
     assert all(torch.equal(before[name], t) for name, t in model.state_dict().items())
 
 
+# Quantized storage has no norm-preserving edit, so that pair is not a case.
+@pytest.mark.parametrize(("quantized", "norm_preserving"), [(False, False), (False, True), (True, False)])
+def test_undo_copy_restores_every_tensor_bit_for_bit(quantized, norm_preserving):
+    model = tiny_model("llama")
+    if quantized:
+        model = _quantize_writers(model, GPTQLinear)
+    before = {name: t.clone() for name, t in model.state_dict().items()}
+    record = orthogonalize_model_(model, tiny_direction(model), undo=weights.COPY, norm_preserving=norm_preserving)
+    assert any(not torch.equal(before[name], t) for name, t in model.state_dict().items())
+    assert record.undo.entries == [] and record.undo.copies
+    undo_(record)
+    assert all(torch.equal(before[name], t) for name, t in model.state_dict().items())
+    assert _head_is_tied(model) == model.config.tie_word_embeddings
+    with pytest.raises(ValueError, match="already undone"):
+        undo_(record)
+
+
+def test_an_unknown_undo_mode_is_a_value_error_and_writes_nothing():
+    model = tiny_model("llama")
+    before = {name: t.clone() for name, t in model.state_dict().items()}
+    with pytest.raises(ValueError, match="undo must be False, True or 'copy', got 'snapshot'"):
+        orthogonalize_model_(model, tiny_direction(model), undo="snapshot")
+    assert all(torch.equal(before[name], t) for name, t in model.state_dict().items())
+
+
 def _norm_preserving_bound(entry, original: torch.Tensor, edited: torch.Tensor, restored: torch.Tensor):
     """undo_'s stated bound for a norm-preserving edit, fp64: the plain bound with its rounding
     term scaled by max(1, f) and a term for the rescaling, (2 d_model + 8) 2^-24 |W'| / f, where

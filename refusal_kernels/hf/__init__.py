@@ -12,9 +12,11 @@
 Only this package knows transformers module names; the structure detection is in `families`.
 """
 
+from .checkpoint import orthogonalize_checkpoint
 from .families import ModelStructure, StructureError, StructureSpec, describe_model, set_structure
 from .hooks import PatchHandle, add_direction, model_shape, patch
-from .io import load_model, orthogonalize_checkpoint, save_abliterated
+from .loading import load_model
+from .saving import save_abliterated
 from .schedule import Peak, Schedule
 from .verify import ResidualLeakError
 from .weights import ChangedTensor, OrthogonalizationRecord, check_structure, orthogonalize_model_, undo_

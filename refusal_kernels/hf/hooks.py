@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import torch
 from torch import nn
@@ -40,7 +39,7 @@ from .. import ops
 from . import families, weights
 from . import verify as verify_module
 from .schedule import Schedule, check_scale_or_schedule
-from .writes import ablate_output, edit_, layer_input
+from .writes import ablate_output, on_input
 
 MODES = ("hooks", "weights")
 
@@ -71,10 +70,7 @@ class PatchHandle:
 
 
 def _ablate_input(layer: nn.Module, direction: torch.Tensor, scale: float) -> RemovableHandle:
-    def ablate(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        edit_(layer_input(args, kwargs), lambda x: ops.ablate_(x, direction, scale))
-
-    return layer.register_forward_pre_hook(ablate, with_kwargs=True)
+    return on_input(layer, lambda x: ops.ablate_(x, direction, scale))
 
 
 def _ablating_hooks(
@@ -131,26 +127,16 @@ def model_shape(model: nn.Module) -> tuple[int, int]:
 
 def _weights_patch(
     model: nn.Module,
-    structure: families.ModelStructure,
     direction: torch.Tensor,
     layers,
     scale: float | Schedule,
     verify: bool,
     spec: families.StructureSpec | None,
 ) -> PatchHandle:
-    selected = set(families.layer_directions(direction, structure, layers))
-    tied = weights.head_is_tied(model, structure)
-    originals = [(t, t.detach().clone()) for w in structure.writers(selected) for t in w.storage]
-    weights.orthogonalize_model_(model, direction, scale=scale, layers=layers, verify=verify, structure=spec)
-
-    def restore() -> None:
-        with torch.no_grad():
-            for tensor, original in originals:
-                tensor.copy_(original)
-        if tied:
-            weights.retie_head(model, structure)
-
-    return PatchHandle([], restore)
+    record = weights.orthogonalize_model_(
+        model, direction, scale=scale, layers=layers, verify=verify, structure=spec, undo=weights.COPY
+    )
+    return PatchHandle([], lambda: weights.undo_(record))
 
 
 def patch(
@@ -170,9 +156,10 @@ def patch(
         direction: [d_model], or one per layer [num_layers, d_model]; any float dtype,
             normalized internally.
         mode: "hooks" ablates at run time (see the module docstring); "weights" calls
-            `orthogonalize_model_` and keeps a copy of every tensor it changes (the residual
-            writers: embeddings, attention and MLP output projections, their biases) so that
-            remove() can restore them; only this mode holds that extra memory.
+            `orthogonalize_model_(undo="copy")`, whose record keeps a copy of every tensor it
+            changes (the residual writers: embeddings, attention and MLP output projections,
+            their biases, quantized storage), so that remove() restores them bit for bit with
+            `undo_`; only this mode holds that extra memory.
         layers: only these layer indices (default all). In weights mode, only their writers
             are orthogonalized (and the embeddings), which is not the same as hooking them.
         scale: 1 removes the component; see `refusal_kernels.ablate_`. A Schedule gives each
@@ -193,9 +180,7 @@ def patch(
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     spec = structure
     if mode == "weights":
-        described = families.describe_model(model, spec)
-        check_scale_or_schedule(scale, len(described.layers))
-        return _weights_patch(model, described, direction, layers, scale, verify, spec)
+        return _weights_patch(model, direction, layers, scale, verify, spec)
     described = hook_structure(model, spec)
     directions = families.layer_directions(direction, described, layers)
     scale = check_scale_or_schedule(scale, len(described.layers))
@@ -247,8 +232,4 @@ def add_direction(model: nn.Module, direction: torch.Tensor, *, layer: int, alph
     target = structure.layers[layer].layer
     vector = vector.to(next(target.parameters()).dtype)
     alpha = float(alpha)
-
-    def add(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        layer_input(args, kwargs).add_(vector, alpha=alpha)
-
-    return PatchHandle([target.register_forward_pre_hook(add, with_kwargs=True)])
+    return PatchHandle([on_input(target, lambda x: x.add_(vector, alpha=alpha))])

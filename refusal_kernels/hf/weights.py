@@ -21,10 +21,7 @@ is orthogonal to g * r, so their attention and MLP writers are orthogonalized ag
 normalize(g * r), with g the norm's effective gain (1 + weight in Gemma). The residual is then
 orthogonal to r, as in hooks mode, but the states differ: the hooks ablate r after the norm,
 which keeps the RMS of y, while the weights remove g * r before it, which changes rms(y) and
-so rescales the token's whole written vector. On tiny random Gemma 2/3 models (seeded, fp32,
-r carrying a large share of each write) the relative logit difference between the two modes
-is 0.09 (Gemma 2) and 0.08 (Gemma 3); tests/test_hf_patch.py asserts < 0.25. On trained
-models, where r carries a small fraction of each write, it is smaller.
+so rescales the token's whole written vector (the README gives the measured difference).
 
 `scale` is one number for every writer or a `Schedule` (see `schedule`): a scale per layer for
 the attention writers and for the MLP writers, and one for the embeddings. Writers whose scale
@@ -56,13 +53,16 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .. import ops
+from .. import ops, reference
 from . import families
 from . import verify as self_check
 from .schedule import Schedule, check_scale_or_schedule
 
 # undo_'s fp32 temporaries hold at most about this many elements of a tensor at a time.
 UNDO_CHUNK_ELEMENTS = 1 << 22
+# orthogonalize_model_(undo=COPY) keeps a copy of every tensor written: undo_ is then exact.
+COPY = "copy"
+UNDO_MODES = (False, True, COPY)
 
 
 @dataclass(frozen=True)
@@ -112,11 +112,13 @@ class UndoEntry:
 
 @dataclass
 class UndoData:
-    """The model, its structure (to tie the head again) and one UndoEntry per dense tensor changed."""
+    """The model, its structure (to tie the head again), and for each tensor changed either an
+    UndoEntry (undo=True, dense tensors) or a copy of the original (undo="copy", any storage)."""
 
     model: nn.Module
     structure: families.ModelStructure
     entries: list[UndoEntry]
+    copies: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # (tensor, original)
     spent: bool = False
 
 
@@ -129,7 +131,7 @@ class OrthogonalizationRecord:
         embedding (it now holds its own copy of the original matrix), else None.
     scale: the scale used, a number or a Schedule.
     norm_preserving: whether every residual vector kept its norm (see the module docstring).
-    undo: what `undo_` restores the weights from (orthogonalize_model_(..., undo=True)), else None.
+    undo: what `undo_` restores the weights from (orthogonalize_model_(..., undo=True or "copy")), else None.
     """
 
     changed: list[ChangedTensor] = field(default_factory=list)
@@ -301,20 +303,11 @@ def _restore_(entry: UndoEntry) -> None:
 
 
 def _ablate_rows_norm_preserving_(tensor: torch.Tensor, direction: torch.Tensor, scale: float) -> None:
-    """v <- ||v|| normalize(v - scale (d.v) d) for each row, in fp32 one chunk at a time.
-
-    A row the update empties (to 2^-16 of its squared norm or less) becomes zero, as in
-    `ops.orthogonalize_norm_preserving_`.
-    """
+    """`reference.ablate_norm_preserving` on each row, in place, one chunk of rows at a time."""
     vectors = _vectors(tensor, families.ROWS)
     for chunk in _chunks(vectors):
         part = vectors[..., chunk, :]
-        rows = part.float()
-        norms = rows.norm(dim=-1, keepdim=True)
-        rows -= scale * (rows @ direction)[..., None] * direction
-        updated = rows.norm(dim=-1, keepdim=True)
-        emptied = updated.square() <= 2**-16 * norms.square()
-        part.copy_(torch.where(emptied, 0.0, rows * (norms / updated.clamp_min(torch.finfo(torch.float32).tiny))))
+        part.copy_(reference.ablate_norm_preserving(part, direction, scale))
 
 
 def _orthogonalize_dense_(edit: _Edit, undo: bool, norm_preserving: bool) -> UndoEntry | None:
@@ -384,12 +377,14 @@ def _apply(
     structure: families.ModelStructure,
     edits: list[_Edit],
     scale: float | Schedule,
-    undo: bool,
+    undo: bool | str,
     norm_preserving: bool = False,
 ) -> OrthogonalizationRecord:
-    """Make the planned edits; with undo, record an UndoEntry for every dense tensor."""
+    """Make the planned edits; undo=True records an UndoEntry for every dense tensor, undo="copy"
+    a copy of every tensor written."""
     record = OrthogonalizationRecord(scale=scale, norm_preserving=norm_preserving)
     entries: list[UndoEntry] = []
+    copies = [(t, t.detach().clone()) for e in edits for t in e.writer.storage] if undo == COPY else []
     if any(e.writer.component == families.EMBEDDING for e in edits) and head_is_tied(model, structure):
         record.untied_head = untie_head(model, structure)
     with torch.no_grad():
@@ -399,13 +394,13 @@ def _apply(
                 quantized.orthogonalize_(edit.direction, edit.scale)
                 shape, fmt = quantized.shape, quantized.format
             else:
-                entry = _orthogonalize_dense_(edit, undo, norm_preserving)
+                entry = _orthogonalize_dense_(edit, undo is True, norm_preserving)
                 if entry is not None:
                     entries.append(entry)
                 shape, fmt = tuple(writer.parameter.shape), None
             record.changed.append(ChangedTensor(writer.name, shape, writer.layout, writer.layer, edit.scale, fmt))
     if undo:
-        record.undo = UndoData(model, structure, entries)
+        record.undo = UndoData(model, structure, entries, copies)
     return record
 
 
@@ -417,7 +412,7 @@ def orthogonalize_model_(
     include_embeddings: bool = True,
     layers: Sequence[int] | None = None,
     norm_preserving: bool = False,
-    undo: bool = False,
+    undo: bool | str = False,
     verify: bool = True,
     structure: families.StructureSpec | None = None,
 ) -> OrthogonalizationRecord:
@@ -439,8 +434,10 @@ def orthogonalize_model_(
             quantized ones raise ValueError naming the first.
         undo: keep what `undo_` needs to restore the weights (O(d_in) per matrix, see the
             module docstring). Quantized writers cannot be restored exactly, since their edit
-            requantizes: undo=True raises ValueError naming the first one (use
-            patch(mode="weights"), which keeps a copy of their storage).
+            requantizes: undo=True raises ValueError naming the first one. undo="copy" keeps
+            a copy of every tensor written instead (the memory of those tensors), from which
+            `undo_` restores them bit for bit, quantized storage included; `patch(mode="weights")`
+            uses it.
         verify: before the first write, run `check_structure`: one short forward pass with every
             writer's output orthogonalized at scale 1, which raises ResidualLeakError (a
             StructureError) naming the first layer that would still write r, leaving the model
@@ -455,9 +452,11 @@ def orthogonalize_model_(
 
     Bad arguments raise ValueError/TypeError before any tensor is changed.
     """
+    if undo not in UNDO_MODES:
+        raise ValueError(f"undo must be False, True or {COPY!r}, got {undo!r}")
     spec = structure
     structure, scale, edits, _ = _plan(model, direction, scale, include_embeddings, layers, spec)
-    if undo:
+    if undo is True:
         _check_dense(
             edits,
             "undo=True needs dense weights, since requantizing is not exactly reversible; "
@@ -522,7 +521,11 @@ def undo_(record: OrthogonalizationRecord) -> None:
             raise ValueError(f"{entry.name} was changed in place after orthogonalize_model_; nothing was restored")
     for entry in data.entries:
         _restore_(entry)
+    with torch.no_grad():
+        for tensor, original in data.copies:
+            tensor.copy_(original)
     if record.untied_head is not None:
         retie_head(data.model, data.structure)
     data.entries.clear()
+    data.copies.clear()
     data.spent = True

@@ -1,7 +1,7 @@
 """What a decoder layer receives and what a module writes into the residual stream, edited in place.
 
-A leaf module (it imports only the ops), shared by the hooks, the self-check and the pipeline's
-scoring and capture.
+A leaf module (it imports only the ops): every hook that edits the residual stream, in `hooks`
+and in the pipeline's scoring, is an `on_input` or an `on_write`.
 """
 
 from __future__ import annotations
@@ -37,11 +37,25 @@ def edit_(tensor: torch.Tensor, edit: Callable[[torch.Tensor], None]) -> None:
     tensor.copy_(packed)
 
 
+def on_input(layer: nn.Module, edit: Callable[[torch.Tensor], None]) -> RemovableHandle:
+    """A forward pre-hook that edits the residual stream `layer` receives, in place."""
+
+    def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        edit_(layer_input(args, kwargs), edit)
+
+    return layer.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def on_write(site: nn.Module, edit: Callable[[torch.Tensor], None]) -> RemovableHandle:
+    """A forward hook that edits what `site` writes into the residual stream, in place."""
+
+    def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        edit_(written_tensor(output), edit)
+
+    return site.register_forward_hook(hook)
+
+
 def ablate_output(site: nn.Module, direction: torch.Tensor, scale: float) -> RemovableHandle:
     """A forward hook on `site` that ablates what it writes, in place (`direction` on the device
     it computes on)."""
-
-    def ablate(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-        edit_(written_tensor(output), lambda x: ops.ablate_(x, direction, scale))
-
-    return site.register_forward_hook(ablate)
+    return on_write(site, lambda x: ops.ablate_(x, direction, scale))

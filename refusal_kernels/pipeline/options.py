@@ -39,8 +39,8 @@ class SelectionOptions(FitOptions):
     kl_threshold: float = 0.1  # keep KL <= this
     induce_threshold: float | None = 0.0  # keep induce > this; None turns the filter (and its scoring) off
     # Bypass prompts per halving round. Bypass separates good candidates from bad ones by
-    # several log-odds, so 2 prompts prune the first round safely: on the default model the
-    # pick equals exhaustive scoring's with 4.5x fewer sequences (3.0x with (4, 8, 16)).
+    # several log-odds, so 2 prompts prune the first round safely (the README gives how the
+    # pick and the sequence count compare with exhaustive scoring on the default model).
     halving_prompts: tuple[int, ...] = (2, 4, 8)
     keep_fraction: float = 0.25  # fraction kept after each round
     finalists: int = 4  # candidates per chunk scored for KL and induce, best bypass first

@@ -19,8 +19,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .. import ops
-from ..hf.hooks import hook_structure
-from ..hf.writes import edit_, layer_input, written_tensor
+from ..hf.hooks import PatchHandle, hook_structure
+from ..hf.writes import on_input, on_write
 from . import chat, judge
 
 
@@ -63,21 +63,11 @@ def row_ablation(sites: Sites, current: _RowCandidates) -> Iterator[None]:
 
     def ablate(hidden: torch.Tensor) -> None:
         directions, index = current.on(hidden.device)
-        edit_(hidden, lambda x: ops.ablate_indexed_(x, directions, index))
+        ops.ablate_indexed_(hidden, directions, index)
 
-    def before_layer(module, args, kwargs):
-        ablate(layer_input(args, kwargs))
-
-    def after_writer(module, args, output):
-        ablate(written_tensor(output))
-
-    handles = [layer.register_forward_pre_hook(before_layer, with_kwargs=True) for layer in sites.layers]
-    handles += [writer.register_forward_hook(after_writer) for writer in sites.writers]
-    try:
+    handles = [on_input(layer, ablate) for layer in sites.layers] + [on_write(w, ablate) for w in sites.writers]
+    with PatchHandle(handles):
         yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 @contextmanager
@@ -85,20 +75,15 @@ def row_addition(sites: Sites, layer_of_row: list[torch.Tensor], vectors: list[t
     """Add vectors[l] (one per row in layer_of_row[l]) to the input of layer l, all positions."""
 
     def adder(layer_index: int):
-        def hook(module, args, kwargs):
-            rows, add = layer_of_row[layer_index], vectors[layer_index]
+        def add(hidden: torch.Tensor) -> None:
+            rows, added = layer_of_row[layer_index], vectors[layer_index]
             if rows.numel():
-                hidden = layer_input(args, kwargs)
-                hidden[rows.to(hidden.device)] += add.to(hidden.device, hidden.dtype)[:, None, :]
+                hidden[rows.to(hidden.device)] += added.to(hidden.device, hidden.dtype)[:, None, :]
 
-        return hook
+        return add
 
-    handles = [layer.register_forward_pre_hook(adder(i), with_kwargs=True) for i, layer in enumerate(sites.layers)]
-    try:
+    with PatchHandle([on_input(layer, adder(i)) for i, layer in enumerate(sites.layers)]):
         yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def _next_token_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

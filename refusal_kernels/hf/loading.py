@@ -1,0 +1,113 @@
+"""Load a model for abliteration: a local directory, a hub ID or a GGUF file, dequantized where needed."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from torch import nn
+
+
+def _looks_like_path(spec: str) -> bool:
+    # A hub ID is "name" or "owner/name"; anything else that does not exist is a missing path.
+    return spec.startswith(("/", ".", "~")) or spec.count("/") > 1 or spec.endswith(".gguf")
+
+
+def _drop_quantization(model: nn.Module) -> None:
+    # GGUF weights are dequantized on load, but transformers still marks the model quantized,
+    # which would make save_pretrained refuse or write a wrong config.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    if hasattr(model, "is_quantized"):
+        model.is_quantized = False
+
+
+def _dequantized_gguf() -> dict[str, Any]:
+    # Newer transformers can keep GGUF blocks packed when a matmul kernel is installed; the
+    # weights must be plain tensors here, since orthogonalization edits them.
+    try:
+        from transformers import GgufConfig
+    except ImportError:
+        return {}
+    return {"quantization_config": GgufConfig(dequantize=True)}
+
+
+def load_model(
+    spec: str | os.PathLike[str],
+    *,
+    dtype: torch.dtype | str | None = None,
+    device_map: str | dict[str, Any] | None = None,
+    trust_remote_code: bool = False,
+) -> tuple[nn.Module, Any]:
+    """Load a causal LM and its tokenizer, in eval mode.
+
+    Args:
+        spec: a local transformers directory (safetensors weights), a `.gguf` file
+            (dequantized to `dtype`), or a hub ID such as "Qwen/Qwen2.5-0.5B-Instruct".
+        dtype: e.g. torch.bfloat16; None keeps the checkpoint's dtype (float32 for GGUF).
+        device_map: passed to from_pretrained ("auto", "cpu", a dict, ...).
+        trust_remote_code: passed to from_pretrained.
+
+    Returns:
+        (model, tokenizer).
+
+    Raises:
+        ValueError: `spec` names a path that does not exist, a directory without config.json,
+            or a file that cannot be read (corrupt or not a model).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not isinstance(spec, (str, os.PathLike)):
+        raise TypeError(f"spec must be a path or a hub ID string, got {type(spec).__name__}")
+    text = os.fspath(spec)
+    path = Path(text).expanduser()
+    options: dict[str, Any] = {"device_map": device_map, "trust_remote_code": trust_remote_code}
+    if dtype is not None:
+        options["dtype"] = dtype
+
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ValueError(f"spec {text!r} is a file but not a .gguf file; pass a model directory instead")
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+            model = AutoModelForCausalLM.from_pretrained(
+                path.parent, gguf_file=path.name, **options, **_dequantized_gguf()
+            )
+        except Exception as error:
+            raise ValueError(f"spec {text!r} could not be read as a GGUF model: {error}") from error
+        _drop_quantization(model)
+    elif path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ValueError(f"spec {text!r} is a directory without config.json")
+        try:
+            model = _auto_class(path, trust_remote_code).from_pretrained(path, use_safetensors=True, **options)
+        except (SafetensorError, OSError, RuntimeError, ValueError) as error:
+            raise ValueError(
+                f"spec {text!r}: the weights could not be read (corrupt or incomplete?): {error}"
+            ) from error
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    elif _looks_like_path(text):
+        raise ValueError(f"spec {text!r} does not exist")
+    else:
+        model = _auto_class(text, trust_remote_code).from_pretrained(text, use_safetensors=True, **options)
+        tokenizer = AutoTokenizer.from_pretrained(text, trust_remote_code=trust_remote_code)
+    return model.eval(), tokenizer
+
+
+def _auto_class(source: str | Path, trust_remote_code: bool):
+    """AutoModelForCausalLM, or AutoModelForImageTextToText for a multimodal checkpoint that has no
+    causal-LM class (Qwen2.5-VL, LLaVA, ...), so that it loads, and saves, as its own class."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
+    )
+
+    model_type = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code).model_type
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
+        return AutoModelForImageTextToText
+    return AutoModelForCausalLM
