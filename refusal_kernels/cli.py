@@ -401,79 +401,75 @@ def cmd_bench(args) -> int:
     return subprocess.call(command, cwd=bench_dir)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="refusal-kernels", description="Find and remove the refusal direction of chat models."
+def _model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model",
+        help=f"a local HF directory, a .gguf file, a hub ID, or tiny-demo (default: {DEFAULT_MODEL_NOTE})",
     )
-    parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
-    commands = parser.add_subparsers(dest="command", required=True)
+    p.add_argument("--dtype", help=f"one of {', '.join(DTYPES)} (default: the checkpoint's)")
+    placement = p.add_mutually_exclusive_group()
+    placement.add_argument("--device", help="e.g. cpu, cuda, cuda:1")
+    placement.add_argument("--device-map", help="passed to accelerate, e.g. auto")
+    p.add_argument(
+        "--thinking",
+        choices=("on", "off"),
+        help="for a chat template with an enable_thinking switch (Qwen3): render every prompt with "
+        "thinking on or off (default: the template's)",
+    )
 
-    def model_options(p, with_prompts=True, options_type=SelectionOptions):
-        p.add_argument(
-            "--model",
-            help=f"a local HF directory, a .gguf file, a hub ID, or tiny-demo (default: {DEFAULT_MODEL_NOTE})",
-        )
-        p.add_argument("--dtype", help=f"one of {', '.join(DTYPES)} (default: the checkpoint's)")
-        placement = p.add_mutually_exclusive_group()
-        placement.add_argument("--device", help="e.g. cpu, cuda, cuda:1")
-        placement.add_argument("--device-map", help="passed to accelerate, e.g. auto")
-        p.add_argument(
-            "--thinking",
-            choices=("on", "off"),
-            help="for a chat template with an enable_thinking switch (Qwen3): render every prompt with "
-            "thinking on or off (default: the template's)",
-        )
-        if with_prompts:
-            p.add_argument("--harmful", help="JSON, JSONL, CSV or TXT file of harmful instructions (default: built in)")
-            p.add_argument("--harmless", help="the same for harmless instructions")
-            p.add_argument(
-                "--n-train",
-                type=int,
-                default=default(options_type, "n_train"),
-                help="prompts of each kind for the means",
-            )
-            p.add_argument(
-                "--n-val", type=int, default=default(SelectionOptions, "n_val"), help="held-out prompts of each kind"
-            )
-            p.add_argument("--seed", type=int, default=default(options_type, "seed"), help="the train/held-out split")
-            p.add_argument(
-                "--max-new-tokens",
-                type=int,
-                default=default(AbliterationOptions, "max_new_tokens"),
-                help="answer length when judging refusals",
-            )
 
-    def direction_options(p):
-        p.add_argument("--direction", help="a direction.pt file (or a directory holding one) instead of finding one")
-        p.add_argument("--layer", type=int, help="take the direction at this layer (with --position)")
-        p.add_argument(
-            "--kl-threshold",
-            type=float,
-            help=f"drop candidates with KL on harmless above this ({PAPER_SELECTION['kl_threshold']}; default model "
-            f"{SELECTION['kl_threshold']}; tiny-demo {TINY_DEMO_SELECTION['kl_threshold']})",
-        )
-        p.add_argument(
-            "--induce-threshold",
-            help=f"drop candidates whose added direction scores at or below this, or 'off' "
-            f"({PAPER_SELECTION['induce_threshold']}; default model and tiny-demo off)",
-        )
-        p.add_argument("--position", type=int, help="post-instruction position, negative (-1 is the last token)")
-        p.add_argument(
-            "--all-prompts",
-            action="store_true",
-            help="fit on every prompt, not only the harmful ones the model refuses and the harmless ones it answers",
-        )
-        p.add_argument(
-            "--variant",
-            choices=VARIANTS,
-            default=default(SelectionOptions, "variant"),
-            help="how candidates are built from the means: the raw difference (the paper's), projected against "
-            "the harmless mean, or an ensemble of neighbouring layers",
-        )
+def _prompt_options(p: argparse.ArgumentParser, options_type=SelectionOptions) -> None:
+    """The prompt files and their split, with the defaults of `options_type`'s fields."""
+    p.add_argument("--harmful", help="JSON, JSONL, CSV or TXT file of harmful instructions (default: built in)")
+    p.add_argument("--harmless", help="the same for harmless instructions")
+    p.add_argument(
+        "--n-train", type=int, default=default(options_type, "n_train"), help="prompts of each kind for the means"
+    )
+    p.add_argument(
+        "--n-val", type=int, default=default(SelectionOptions, "n_val"), help="held-out prompts of each kind"
+    )
+    p.add_argument("--seed", type=int, default=default(options_type, "seed"), help="the train/held-out split")
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=default(AbliterationOptions, "max_new_tokens"),
+        help="answer length when judging refusals",
+    )
 
-    p = commands.add_parser("abliterate", help="find, remove, evaluate and save")
-    model_options(p)
-    direction_options(p)
+
+def _direction_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--direction", help="a direction.pt file (or a directory holding one) instead of finding one")
+    p.add_argument("--layer", type=int, help="take the direction at this layer (with --position)")
+    p.add_argument("--position", type=int, help="post-instruction position, negative (-1 is the last token)")
+    p.add_argument(
+        "--kl-threshold",
+        type=float,
+        help=f"drop candidates with KL on harmless above this ({PAPER_SELECTION['kl_threshold']}; default model "
+        f"{SELECTION['kl_threshold']}; tiny-demo {TINY_DEMO_SELECTION['kl_threshold']})",
+    )
+    p.add_argument(
+        "--induce-threshold",
+        help=f"drop candidates whose added direction scores at or below this, or 'off' "
+        f"({PAPER_SELECTION['induce_threshold']}; default model and tiny-demo off)",
+    )
+    p.add_argument(
+        "--all-prompts",
+        action="store_true",
+        help="fit on every prompt, not only the harmful ones the model refuses and the harmless ones it answers",
+    )
+    p.add_argument(
+        "--variant",
+        choices=VARIANTS,
+        default=default(SelectionOptions, "variant"),
+        help="how candidates are built from the means: the raw difference (the paper's), projected against "
+        "the harmless mean, or an ensemble of neighbouring layers",
+    )
+
+
+def _abliterate_command(p: argparse.ArgumentParser) -> None:
+    _model_options(p)
+    _prompt_options(p)
+    _direction_options(p)
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--mode", choices=MODES, default=default(AbliterationOptions, "mode"))
     p.add_argument("--scale", type=float, default=default(AbliterationOptions, "scale"))
@@ -483,28 +479,31 @@ def build_parser() -> argparse.ArgumentParser:
         help="apply trial N of a `search` output (its direction, schedule and norm preservation) instead",
     )
     p.add_argument("--overwrite", action="store_true")
-    p.set_defaults(run=cmd_abliterate)
 
-    p = commands.add_parser("direction", help="find and save a direction only")
-    model_options(p)
-    direction_options(p)
+
+def _direction_command(p: argparse.ArgumentParser) -> None:
+    _model_options(p)
+    _prompt_options(p)
+    _direction_options(p)
     p.add_argument("--out", required=True, help="output directory for direction.pt, direction.json, heatmaps.png")
     p.add_argument("--overwrite", action="store_true")
-    p.set_defaults(run=cmd_direction)
 
-    p = commands.add_parser("evaluate", help="refusal rates and KL, optionally with a direction ablated")
-    model_options(p)
+
+def _evaluate_command(p: argparse.ArgumentParser) -> None:
+    _model_options(p)
+    _prompt_options(p)
     p.add_argument("--direction")
-    p.set_defaults(run=cmd_evaluate)
 
-    p = commands.add_parser("chat", help="interactive chat; /ablate on|off")
-    model_options(p, with_prompts=False)
+
+def _chat_command(p: argparse.ArgumentParser) -> None:
+    _model_options(p)
     p.add_argument("--direction")
     p.add_argument("--max-new-tokens", type=int, default=256)
-    p.set_defaults(run=cmd_chat)
 
-    p = commands.add_parser("search", help="search for the Pareto front of refusals vs KL")
-    model_options(p, options_type=SearchOptions)
+
+def _search_command(p: argparse.ArgumentParser) -> None:
+    _model_options(p)
+    _prompt_options(p, SearchOptions)
     p.add_argument("--out", required=True, help="output directory for search.json, means.pt, pareto.md, pareto.png")
     p.add_argument("--trials", type=int, default=20)
     p.add_argument(
@@ -513,11 +512,33 @@ def build_parser() -> argparse.ArgumentParser:
     for name, help_text in SEARCH_SET_SIZES.items():
         p.add_argument(f"--{name.replace('_', '-')}", type=int, default=default(SearchOptions, name), help=help_text)
     p.add_argument("--overwrite", action="store_true")
-    p.set_defaults(run=cmd_search)
 
-    p = commands.add_parser("bench", help="run the CPU op benchmarks")
+
+def _bench_command(p: argparse.ArgumentParser) -> None:
     p.add_argument("pytest_args", nargs="*", help="extra pytest arguments")
-    p.set_defaults(run=cmd_bench)
+
+
+# name: (help, how its arguments are added, what runs it)
+COMMANDS = {
+    "abliterate": ("find, remove, evaluate and save", _abliterate_command, cmd_abliterate),
+    "direction": ("find and save a direction only", _direction_command, cmd_direction),
+    "evaluate": ("refusal rates and KL, optionally with a direction ablated", _evaluate_command, cmd_evaluate),
+    "chat": ("interactive chat; /ablate on|off", _chat_command, cmd_chat),
+    "search": ("search for the Pareto front of refusals vs KL", _search_command, cmd_search),
+    "bench": ("run the CPU op benchmarks", _bench_command, cmd_bench),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="refusal-kernels", description="Find and remove the refusal direction of chat models."
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name, (help_text, add_arguments, run) in COMMANDS.items():
+        command = commands.add_parser(name, help=help_text)
+        add_arguments(command)
+        command.set_defaults(run=run)
     return parser
 
 

@@ -1,8 +1,8 @@
-"""The import graph of refusal_kernels: dependencies point one way, with no cycle.
+"""The shape of the package: an import graph without cycles, and functions a reader can hold.
 
-Every import counts, also those inside functions (the lazy ones), so that no module leans on
-an import order to break a cycle. A `from X import name` is an edge to X.name where that is
-a module, else to X.
+Every import statement counts, also those inside functions (the lazy ones), so that no module
+leans on an import order to break a cycle. A `from X import name` is an edge to X.name where
+that is a module, else to X. Imports by a computed name (importlib) are not read.
 """
 
 import ast
@@ -86,3 +86,25 @@ def test_the_import_graph_has_no_cycle():
 @pytest.mark.parametrize("leaf", ["refusal_kernels._checks", "refusal_kernels.reference"])
 def test_leaf_modules_import_nothing_from_the_package(leaf):
     assert GRAPH[leaf] == set()
+
+
+# A function a reader can hold: at most a screen of code (its docstring not counted).
+MAX_FUNCTION_LINES = 60
+
+
+def _code_lines(node: ast.FunctionDef | ast.AsyncFunctionDef) -> int:
+    lines = node.end_lineno - node.lineno + 1
+    first = node.body[0]
+    if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value, str):
+        lines -= first.end_lineno - first.lineno + 1
+    return lines
+
+
+def test_no_function_is_longer_than_a_screen():
+    long = [
+        f"{path.relative_to(PACKAGE_DIR.parent)}:{node.lineno} {node.name} ({_code_lines(node)} lines)"
+        for path in MODULES.values()
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and _code_lines(node) > MAX_FUNCTION_LINES
+    ]
+    assert not long, "split these functions:\n" + "\n".join(long)

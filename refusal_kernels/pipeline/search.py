@@ -33,7 +33,8 @@ import math
 import os
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -465,6 +466,111 @@ def _refused_prompts(
     return kept
 
 
+@contextmanager
+def _applied(model: nn.Module, params: TrialParams, means: dict[str, torch.Tensor]) -> Iterator[None]:
+    """`model` edited as a trial says, and restored on exit even when scoring fails."""
+    record = apply_trial(model, params, means, undo=True, verify=False)
+    try:
+        yield
+    finally:
+        hf.undo_(record)
+
+
+@dataclass
+class _Setup:
+    """What every trial shares: the means, where the direction may go, and the scoring.
+
+    position: the token position of the means (resolved from `opts.position`).
+    prompts: how many prompts each set holds, as `SearchResult.prompts`.
+    """
+
+    means: dict[str, torch.Tensor]
+    n_layers: int
+    first_layer: int
+    evaluator: _Evaluator
+    baseline: dict[str, float]
+    refusal_tokens: list[int]
+    position: int
+    prompts: dict[str, int]
+
+
+def _prepare(model: nn.Module, tokenizer, sets: PromptSets, n_val: int, opts: SearchOptions) -> _Setup:
+    """Fit the means, check the model's structure once, and score the unedited model."""
+    refusal_tokens = select.derive_refusal_tokens(model, tokenizer, sets.harmful, opts)
+    sites = Sites.of(model)
+    fitted = select.candidate_means(
+        model,
+        tokenizer,
+        sets.harmful,
+        sets.harmless,
+        sites,
+        opts.batch_size,
+        refusal_tokens if opts.filter_prompts else None,
+    )
+    means = {kind: getattr(fitted, kind)[:, opts.position].clone() for kind in ("harmful", "harmless")}
+    differences = variants.difference(means["harmful"], means["harmless"])
+    first_layer = variants.first_useful_layer(differences)
+    # The structure is checked once here; the trials then skip the check (their scales are not 1).
+    hf.check_structure(model, differences[first_layer], include_embeddings=False)
+
+    harmful_val = sets.harmful_val
+    if opts.filter_prompts:
+        harmful_val = _refused_prompts(model, tokenizer, harmful_val, refusal_tokens, n_val, opts.batch_size)
+    evaluator = _Evaluator(
+        model,
+        tokenizer,
+        refusal_tokens,
+        harmful_val[: opts.score_prompts],
+        list(sets.harmless_val)[: opts.kl_prompts],
+        harmful_val[: opts.judge_prompts],
+        opts,
+    )
+    return _Setup(
+        means=means,
+        n_layers=len(sites.layers),
+        first_layer=first_layer,
+        evaluator=evaluator,
+        baseline={"refusal_score": evaluator.base_refusal_score, "kl": 0.0, "refusals": evaluator.refusals()},
+        refusal_tokens=refusal_tokens,
+        position=fitted.positions[opts.position],
+        prompts={
+            **fitted.kept,
+            "score": len(evaluator.score_set),
+            "kl": len(evaluator.kl_set),
+            "judge": len(evaluator.judge_set),
+        },
+    )
+
+
+def _score_trials(model: nn.Module, setup: _Setup, trials: int, sampler_kind: str, opts: SearchOptions) -> list[Trial]:
+    """Stage 1: propose, apply, score (refusal score, KL) and undo each of `trials` trials."""
+    sampler = _Sampler(sampler_kind, trials, opts.seed)
+    done: list[Trial] = []
+    for number in tqdm(range(trials), desc=f"search ({sampler_kind})", leave=False):
+        clock = time.perf_counter()
+        params = sampler.propose(opts.space, setup.n_layers, setup.first_layer)
+        with _applied(model, params, setup.means):
+            score, kl = setup.evaluator.cheap()
+        sampler.tell((score, kl))
+        done.append(Trial(number, params, score, kl, seconds=time.perf_counter() - clock))
+    return done
+
+
+def _judge_best(model: nn.Module, setup: _Setup, done: list[Trial], judge_fraction: float) -> None:
+    """Stage 2: count the refusals of the best `judge_fraction` of the trials, in place.
+
+    Best: lowest non-dominated rank on (refusal score, KL), then lowest refusal score.
+    """
+    ranks = pareto_ranks([(t.refusal_score, t.kl) for t in done])
+    n_judged = max(1, math.ceil(judge_fraction * len(done)))
+    order = sorted(range(len(done)), key=lambda i: (ranks[i], done[i].refusal_score))
+    for i in tqdm(order[:n_judged], desc="judge", leave=False):
+        clock = time.perf_counter()
+        with _applied(model, done[i].params, setup.means):
+            done[i].refusals = setup.evaluator.refusals()
+        done[i].seconds += time.perf_counter() - clock
+
+
 def search(
     model: nn.Module,
     tokenizer,
@@ -509,75 +615,23 @@ def search(
         harmful_val=harmful_val,
         harmless_val=harmless_val,
     )
-    harmful, harmless, harmful_val, harmless_val = sets.harmful, sets.harmless, sets.harmful_val, sets.harmless_val
-
     chat.check_position(tokenizer, opts.position)
 
     stopwatch = Stopwatch()
-    refusal_tokens = select.derive_refusal_tokens(model, tokenizer, harmful, opts)
-    sites = Sites.of(model)
-    fitted = select.candidate_means(
-        model, tokenizer, harmful, harmless, sites, opts.batch_size, refusal_tokens if opts.filter_prompts else None
-    )
-    means = {kind: getattr(fitted, kind)[:, opts.position].clone() for kind in ("harmful", "harmless")}
-    differences = variants.difference(means["harmful"], means["harmless"])
-    first_layer = variants.first_useful_layer(differences)
-    # The structure is checked once here; the trials then skip the check (their scales are not 1).
-    hf.check_structure(model, differences[first_layer], include_embeddings=False)
-
-    if opts.filter_prompts:
-        harmful_val = _refused_prompts(model, tokenizer, harmful_val, refusal_tokens, n_val, opts.batch_size)
-    evaluator = _Evaluator(
-        model,
-        tokenizer,
-        refusal_tokens,
-        harmful_val[: opts.score_prompts],
-        list(harmless_val)[: opts.kl_prompts],
-        harmful_val[: opts.judge_prompts],
-        opts,
-    )
-    baseline = {"refusal_score": evaluator.base_refusal_score, "kl": 0.0, "refusals": evaluator.refusals()}
+    setup = _prepare(model, tokenizer, sets, n_val, opts)
     stopwatch.lap("setup")
-
-    sampler = _Sampler(sampler_kind, trials, opts.seed)
-    done: list[Trial] = []
-    for number in tqdm(range(trials), desc=f"search ({sampler_kind})", leave=False):
-        clock = time.perf_counter()
-        params = sampler.propose(opts.space, len(sites.layers), first_layer)
-        record = apply_trial(model, params, means, undo=True, verify=False)
-        try:
-            score, kl = evaluator.cheap()
-        finally:
-            hf.undo_(record)
-        sampler.tell((score, kl))
-        done.append(Trial(number, params, score, kl, seconds=time.perf_counter() - clock))
+    done = _score_trials(model, setup, trials, sampler_kind, opts)
     stopwatch.lap("score")
-
-    ranks = pareto_ranks([(t.refusal_score, t.kl) for t in done])
-    n_judged = max(1, math.ceil(opts.judge_fraction * len(done)))
-    order = sorted(range(len(done)), key=lambda i: (ranks[i], done[i].refusal_score))
-    for i in tqdm(order[:n_judged], desc="judge", leave=False):
-        clock = time.perf_counter()
-        record = apply_trial(model, done[i].params, means, undo=True, verify=False)
-        try:
-            done[i].refusals = evaluator.refusals()
-        finally:
-            hf.undo_(record)
-        done[i].seconds += time.perf_counter() - clock
+    _judge_best(model, setup, done, opts.judge_fraction)
     stopwatch.lap("judge")
 
     return SearchResult(
         trials=done,
-        means=means,
-        position=fitted.positions[opts.position],
-        baseline=baseline,
-        refusal_tokens=refusal_tokens,
-        prompts={
-            **fitted.kept,
-            "score": len(evaluator.score_set),
-            "kl": len(evaluator.kl_set),
-            "judge": len(evaluator.judge_set),
-        },
+        means=setup.means,
+        position=setup.position,
+        baseline=setup.baseline,
+        refusal_tokens=setup.refusal_tokens,
+        prompts=setup.prompts,
         timings={**stopwatch.laps, "total": stopwatch.elapsed()},
         sampler=sampler_kind,
         source=source,

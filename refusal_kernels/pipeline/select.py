@@ -188,7 +188,7 @@ def direction_at(
         position=position,
         n_layers=n_layers,
         positions=positions,
-        scores={name: torch.full((n_layers, n_positions), math.nan) for name in SCORE_NAMES},
+        scores=_unscored(n_layers, n_positions),
         refusal_tokens=refusal_tokens,
         prompts=kept,
         timings={"capture": stopwatch.lap("capture")},
@@ -220,7 +220,47 @@ def find_direction(
     """
     opts = SelectionOptions(**options)
     sites = sites or Sites.of(model)
-    sets = PromptSets.split(
+    sets = _split_prompts(harmful, harmless, harmful_val, harmless_val, opts)
+    stopwatch = Stopwatch()
+    refusal_tokens = derive_refusal_tokens(model, tokenizer, sets.harmful, opts)
+    stopwatch.lap("refusal_tokens")
+    directions, positions, prompts = _fit(model, tokenizer, sets.harmful, sets.harmless, sites, opts, refusal_tokens)
+    stopwatch.lap("capture")
+
+    scorer = Scorer(model, tokenizer, sites, refusal_tokens, batch_size=opts.batch_size)
+    val = _validation_prompts(scorer, sets.harmful_val, sets.harmless_val, refusal_tokens, opts.filter_prompts)
+    prompts.update(harmful_val=len(val.harmful), harmless_val=len(val.harmless))
+    baseline_sequences = scorer.sequences
+    stopwatch.lap("baseline")
+
+    run = _Scoring(scorer, directions, val, opts)
+    within_kl = run.within_kl_by_bypass()
+    stopwatch.lap("bypass_kl")
+    passing = run.induce_until_passing(within_kl)
+    stopwatch.lap("induce")
+    if not passing:
+        raise run.no_candidate_error()
+    _, layer, p = min(passing)
+    return DirectionResult(
+        direction=directions[layer, p].clone(),
+        layer=layer,
+        position=positions[p],
+        n_layers=directions.shape[0],
+        positions=positions,
+        scores=run.scores,
+        refusal_tokens=refusal_tokens,
+        prompts=prompts,
+        filtered=run.filtered,
+        timings=stopwatch.laps,
+        forward_passes={"used": scorer.sequences, "exhaustive": run.exhaustive_sequences(baseline_sequences)},
+        source=source,
+        variant=opts.variant,
+    )
+
+
+def _split_prompts(harmful, harmless, harmful_val, harmless_val, opts: SelectionOptions) -> PromptSets:
+    """The training and validation sets the options ask for (see `PromptSets.split`)."""
+    return PromptSets.split(
         harmful,
         harmless,
         n_train=opts.n_train,
@@ -229,151 +269,196 @@ def find_direction(
         harmful_val=harmful_val,
         harmless_val=harmless_val,
     )
-    harmful, harmless, harmful_val, harmless_val = sets.harmful, sets.harmless, sets.harmful_val, sets.harmless_val
-    stopwatch = Stopwatch()
-    refusal_tokens = derive_refusal_tokens(model, tokenizer, harmful, opts)
-    stopwatch.lap("refusal_tokens")
-    directions, positions, prompts = _fit(model, tokenizer, harmful, harmless, sites, opts, refusal_tokens)
-    n_layers, n_positions = directions.shape[:2]
-    stopwatch.lap("capture")
 
-    scorer = Scorer(model, tokenizer, sites, refusal_tokens, batch_size=opts.batch_size)
-    base_logits = scorer.last_logits(harmless_val)
-    if opts.filter_prompts:
-        keep_harmless = judge.answered(base_logits, refusal_tokens)
-        harmless_val, base_logits = judge.kept(harmless_val, keep_harmless), base_logits[keep_harmless]
-        harmful_val = judge.kept(harmful_val, judge.refused(scorer.last_logits(harmful_val), refusal_tokens))
-        if not harmful_val:
-            raise NoCandidateError(
-                "the model refuses none of the harmful_val prompts; pass other prompts or filter_prompts=False"
-            )
-        if not harmless_val:
-            raise NoCandidateError(
-                "the model refuses every one of the harmless_val prompts; pass other prompts or filter_prompts=False"
-            )
-    prompts.update(harmful_val=len(harmful_val), harmless_val=len(harmless_val))
-    baseline_sequences = scorer.sequences
-    stopwatch.lap("baseline")
 
-    scores = {name: torch.full((n_layers, n_positions), math.nan) for name in SCORE_NAMES}
-    in_range = [
-        (layer, p)
-        for layer in range(n_layers)
-        if layer < opts.max_layer_fraction * n_layers
-        for p in range(n_positions)
-    ]
-    # At layer 0 the post-instruction tokens are the same embeddings in every prompt, so the
-    # difference of means there is exactly zero: nothing to ablate.
-    norms = directions.norm(dim=-1)
-    eligible = [(layer, p) for layer, p in in_range if torch.isfinite(norms[layer, p]) and norms[layer, p] > 0]
-    filtered = {"layer": n_layers * n_positions - len(in_range), "zero": len(in_range) - len(eligible)}
+def _unscored(n_layers: int, n_positions: int) -> dict[str, torch.Tensor]:
+    """Every score, NaN (unscored) at every (layer, position)."""
+    return {name: torch.full((n_layers, n_positions), math.nan) for name in SCORE_NAMES}
 
-    def candidates_of(cells):
-        return torch.stack([directions[layer, p] for layer, p in cells]).to(next(model.parameters()).device)
 
-    def record(name, cells, values):
-        for (layer, p), value in zip(cells, values.tolist(), strict=True):
-            scores[name][layer, p] = value
+@dataclass
+class _Validation:
+    """The prompts candidates are scored on, and the base model's last logits on the harmless ones."""
 
-    if opts.exhaustive:
-        ranked, dropped_for_kl = eligible, 0
-        record("bypass", ranked, scorer.bypass(candidates_of(ranked), harmful_val))
-        record("kl", ranked, scorer.kl(candidates_of(ranked), harmless_val, base_logits))
-        if opts.induce_threshold is not None:
-            record("induce", ranked, scorer.induce(candidates_of(ranked), [layer for layer, _ in ranked], harmless_val))
-        chunk = len(ranked)
-    else:
-        ranked, dropped_for_kl = _successive_halving(
-            scorer, eligible, candidates_of, harmful_val, harmless_val, base_logits, opts, record
-        )
-        chunk = opts.finalists
-    stopwatch.lap("bypass_kl")
+    harmful: Sequence[str]
+    harmless: Sequence[str]
+    base_logits: torch.Tensor
 
-    # Induce for the candidates within the KL bound, best bypass first, a chunk at a time.
-    within_kl = [(layer, p) for layer, p in ranked if scores["kl"][layer, p] <= opts.kl_threshold]
-    passing, scored = [], []
-    if opts.induce_threshold is None:
-        passing = [(scores["bypass"][layer, p].item(), layer, p) for layer, p in within_kl[:1]]
-    for start in range(0, len(within_kl) if opts.induce_threshold is not None else 0, chunk):
-        cells = within_kl[start : start + chunk]
-        unscored = [(layer, p) for layer, p in cells if math.isnan(scores["induce"][layer, p])]
-        if unscored:
-            induce = scorer.induce(candidates_of(unscored), [layer for layer, _ in unscored], harmless_val)
-            record("induce", unscored, induce)
-        scored += cells
-        passing = [
-            (scores["bypass"][layer, p].item(), layer, p)
-            for layer, p in cells
-            if scores["induce"][layer, p] > opts.induce_threshold
-        ]
-        if passing:
-            break
-    stopwatch.lap("induce")
 
-    filtered["pruned_by_halving"] = len(eligible) - len(ranked) - dropped_for_kl
-    filtered["kl"] = dropped_for_kl + len(ranked) - len(within_kl)
-    filtered["induce"] = len(scored) - len(passing) if opts.induce_threshold is not None else 0
-    filtered["not_reached"] = len(within_kl) - len(scored)
-    # Exhaustive scoring: the same baseline, then every metric for every eligible candidate.
-    metrics_on_harmless = 1 if opts.induce_threshold is None else 2
-    exhaustive_sequences = baseline_sequences + len(eligible) * (
-        len(harmful_val) + metrics_on_harmless * len(harmless_val)
-    )
-    if not passing:
+def _validation_prompts(scorer, harmful, harmless, refusal_tokens, filter_prompts) -> _Validation:
+    """The validation sets; when filter_prompts, only the harmful prompts the model refuses and
+    the harmless ones it answers."""
+    base_logits = scorer.last_logits(harmless)
+    if not filter_prompts:
+        return _Validation(harmful, harmless, base_logits)
+    keep_harmless = judge.answered(base_logits, refusal_tokens)
+    harmless, base_logits = judge.kept(harmless, keep_harmless), base_logits[keep_harmless]
+    harmful = judge.kept(harmful, judge.refused(scorer.last_logits(harmful), refusal_tokens))
+    if not harmful:
         raise NoCandidateError(
-            f"no candidate survived: {filtered['layer']} removed for layer >= {opts.max_layer_fraction} L, "
-            f"{filtered['zero']} for a zero difference of means, "
-            f"{filtered['pruned_by_halving']} pruned while halving, {filtered['kl']} for KL > {opts.kl_threshold}, "
-            f"{filtered['induce']} for induce <= {opts.induce_threshold}",
-            scores,
+            "the model refuses none of the harmful_val prompts; pass other prompts or filter_prompts=False"
         )
-    _, layer, p = min(passing)
-    return DirectionResult(
-        direction=directions[layer, p].clone(),
-        layer=layer,
-        position=positions[p],
-        n_layers=n_layers,
-        positions=positions,
-        scores=scores,
-        refusal_tokens=refusal_tokens,
-        prompts=prompts,
-        filtered=filtered,
-        timings=stopwatch.laps,
-        forward_passes={"used": scorer.sequences, "exhaustive": exhaustive_sequences},
-        source=source,
-        variant=opts.variant,
-    )
+    if not harmless:
+        raise NoCandidateError(
+            "the model refuses every one of the harmless_val prompts; pass other prompts or filter_prompts=False"
+        )
+    return _Validation(harmful, harmless, base_logits)
 
+
+# A cell is a candidate's (layer, index into the positions).
+_Cell = tuple[int, int]
 
 # Early rounds see few prompts, so only a KL estimate this far above the bound prunes there.
 EARLY_KL_SLACK = 2.0
 
 
-def _successive_halving(scorer, cells, candidates_of, harmful_val, harmless_val, base_logits, opts, record):
-    """Prune cells with growing prompt sets: each round scores bypass and KL, drops cells whose
-    KL is clearly over the bound, and keeps the best fraction by bypass.
+@dataclass
+class _Scoring:
+    """One selection's candidates, with the scores ({name: [n_layers, n_positions]}, NaN =
+    unscored) and the filter counts ({filter: cells it removed}) computed so far.
 
-    Returns the last round's cells, scored on the full validation sets, best bypass first, and
-    how many cells the early rounds dropped for their KL.
+    eligible: the cells worth scoring, found on construction.
     """
-    alive = list(cells)
-    dropped_for_kl = 0
-    rounds = [n for n in opts.halving_prompts if n < len(harmful_val)] + [len(harmful_val)]
-    for n in rounds:
-        m = min(n, len(harmless_val))
-        candidates = candidates_of(alive)
-        bypass = scorer.bypass(candidates, harmful_val[:n])
-        kl = scorer.kl(candidates, harmless_val[:m], base_logits[:m])
-        record("bypass", alive, bypass)
-        record("kl", alive, kl)
-        final = n == len(harmful_val)
-        keep = len(alive) if final else max(2 * opts.finalists, math.ceil(len(alive) * opts.keep_fraction))
-        ranked = [alive[i] for i in bypass.argsort().tolist() if final or kl[i] <= EARLY_KL_SLACK * opts.kl_threshold]
-        dropped_for_kl += len(alive) - len(ranked)
-        alive = ranked[:keep]
-        if not alive:
-            break
-    return alive, dropped_for_kl
+
+    scorer: Scorer
+    directions: torch.Tensor  # [n_layers, n_positions, d_model]
+    val: _Validation
+    opts: SelectionOptions
+    scores: dict[str, torch.Tensor] = dataclasses.field(init=False)
+    filtered: dict[str, int] = dataclasses.field(default_factory=dict)
+    eligible: list[_Cell] = dataclasses.field(init=False)
+
+    def __post_init__(self) -> None:
+        self.scores = _unscored(*self.directions.shape[:2])
+        self.eligible = self._eligible_cells()
+
+    def _eligible_cells(self) -> list[_Cell]:
+        """The cells below the layer bound whose direction is finite and nonzero."""
+        n_layers, n_positions = self.directions.shape[:2]
+        in_range = [
+            (layer, p)
+            for layer in range(n_layers)
+            if layer < self.opts.max_layer_fraction * n_layers
+            for p in range(n_positions)
+        ]
+        # At layer 0 the post-instruction tokens are the same embeddings in every prompt, so the
+        # difference of means there is exactly zero: nothing to ablate.
+        norms = self.directions.norm(dim=-1)
+        eligible = [(layer, p) for layer, p in in_range if torch.isfinite(norms[layer, p]) and norms[layer, p] > 0]
+        self.filtered.update(layer=n_layers * n_positions - len(in_range), zero=len(in_range) - len(eligible))
+        return eligible
+
+    def within_kl_by_bypass(self) -> list[_Cell]:
+        """Scores bypass and KL, exhaustively or by successive halving; returns the cells within
+        the KL bound (best bypass first when halving)."""
+        if self.opts.exhaustive:
+            ranked, dropped_for_kl = self._score_every_metric(self.eligible), 0
+        else:
+            ranked, dropped_for_kl = self._successive_halving(self.eligible)
+        within_kl = [(layer, p) for layer, p in ranked if self.scores["kl"][layer, p] <= self.opts.kl_threshold]
+        self.filtered.update(
+            pruned_by_halving=len(self.eligible) - len(ranked) - dropped_for_kl,
+            kl=dropped_for_kl + len(ranked) - len(within_kl),
+        )
+        return within_kl
+
+    def induce_until_passing(self, within_kl: list[_Cell]) -> list[tuple[float, int, int]]:
+        """Scores induce for the cells within the KL bound, a chunk at a time in their order, until
+        a chunk has cells over the induce threshold; returns those as (bypass, layer, p). With no
+        induce threshold, the first cell passes."""
+        threshold = self.opts.induce_threshold
+        # Exhaustive scoring has every induce score already: one chunk holds every cell.
+        chunk = max(len(within_kl), 1) if self.opts.exhaustive else self.opts.finalists
+        passing, scored = [], []
+        if threshold is None:
+            passing = self._with_bypass(within_kl[:1])
+        for start in range(0, len(within_kl) if threshold is not None else 0, chunk):
+            cells = within_kl[start : start + chunk]
+            unscored = [(layer, p) for layer, p in cells if math.isnan(self.scores["induce"][layer, p])]
+            if unscored:
+                self._score_induce(unscored)
+            scored += cells
+            passing = self._with_bypass(
+                [(layer, p) for layer, p in cells if self.scores["induce"][layer, p] > threshold]
+            )
+            if passing:
+                break
+        self.filtered.update(
+            induce=len(scored) - len(passing) if threshold is not None else 0,
+            not_reached=len(within_kl) - len(scored),
+        )
+        return passing
+
+    def no_candidate_error(self) -> NoCandidateError:
+        """The error when no cell passed: which filter removed how many, with every score."""
+        filtered, opts = self.filtered, self.opts
+        return NoCandidateError(
+            f"no candidate survived: {filtered['layer']} removed for layer >= {opts.max_layer_fraction} L, "
+            f"{filtered['zero']} for a zero difference of means, "
+            f"{filtered['pruned_by_halving']} pruned while halving, {filtered['kl']} for KL > {opts.kl_threshold}, "
+            f"{filtered['induce']} for induce <= {opts.induce_threshold}",
+            self.scores,
+        )
+
+    def exhaustive_sequences(self, baseline_sequences: int) -> int:
+        """The sequences exhaustive scoring forwards: the same baseline, then every metric for
+        every eligible cell."""
+        metrics_on_harmless = 1 if self.opts.induce_threshold is None else 2
+        return baseline_sequences + len(self.eligible) * (
+            len(self.val.harmful) + metrics_on_harmless * len(self.val.harmless)
+        )
+
+    def _candidates(self, cells: list[_Cell]) -> torch.Tensor:
+        device = next(self.scorer.model.parameters()).device
+        return torch.stack([self.directions[layer, p] for layer, p in cells]).to(device)
+
+    def _record(self, name: str, cells: list[_Cell], values: torch.Tensor) -> None:
+        for (layer, p), value in zip(cells, values.tolist(), strict=True):
+            self.scores[name][layer, p] = value
+
+    def _with_bypass(self, cells: list[_Cell]) -> list[tuple[float, int, int]]:
+        return [(self.scores["bypass"][layer, p].item(), layer, p) for layer, p in cells]
+
+    def _score_induce(self, cells: list[_Cell]) -> None:
+        induce = self.scorer.induce(self._candidates(cells), [layer for layer, _ in cells], self.val.harmless)
+        self._record("induce", cells, induce)
+
+    def _score_every_metric(self, cells: list[_Cell]) -> list[_Cell]:
+        """Scores every metric for every cell on the full validation sets; returns the cells."""
+        self._record("bypass", cells, self.scorer.bypass(self._candidates(cells), self.val.harmful))
+        self._record("kl", cells, self.scorer.kl(self._candidates(cells), self.val.harmless, self.val.base_logits))
+        if self.opts.induce_threshold is not None:
+            self._score_induce(cells)
+        return cells
+
+    def _successive_halving(self, cells: list[_Cell]) -> tuple[list[_Cell], int]:
+        """Prune cells with growing prompt sets: each round scores bypass and KL, drops cells whose
+        KL is clearly over the bound, and keeps the best fraction by bypass.
+
+        Returns the last round's cells, scored on the full validation sets, best bypass first, and
+        how many cells the early rounds dropped for their KL.
+        """
+        harmful, harmless, opts = self.val.harmful, self.val.harmless, self.opts
+        alive = list(cells)
+        dropped_for_kl = 0
+        rounds = [n for n in opts.halving_prompts if n < len(harmful)] + [len(harmful)]
+        for n in rounds:
+            m = min(n, len(harmless))
+            candidates = self._candidates(alive)
+            bypass = self.scorer.bypass(candidates, harmful[:n])
+            kl = self.scorer.kl(candidates, harmless[:m], self.val.base_logits[:m])
+            self._record("bypass", alive, bypass)
+            self._record("kl", alive, kl)
+            final = n == len(harmful)
+            keep = len(alive) if final else max(2 * opts.finalists, math.ceil(len(alive) * opts.keep_fraction))
+            ranked = [
+                alive[i] for i in bypass.argsort().tolist() if final or kl[i] <= EARLY_KL_SLACK * opts.kl_threshold
+            ]
+            dropped_for_kl += len(alive) - len(ranked)
+            alive = ranked[:keep]
+            if not alive:
+                break
+        return alive, dropped_for_kl
 
 
 def direction_for(
