@@ -18,8 +18,8 @@ if ! REFUSAL_KERNELS_CUDA=1 "$python" -m pip install --no-build-isolation --no-d
     exit 1
 fi
 
-echo "== tests/test_gpu.py"
-"$python" -m pytest -q -rs tests/test_gpu.py 2>&1 | tee "$out_dir/test_gpu.log"
+echo "== tests/test_ops_gpu.py tests/test_quant_gpu.py"
+"$python" -m pytest -q -rs tests/test_ops_gpu.py tests/test_quant_gpu.py 2>&1 | tee "$out_dir/test_ops_gpu.log"
 tests_status=${PIPESTATUS[0]}
 
 echo "== benchmarks"

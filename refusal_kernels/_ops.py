@@ -65,7 +65,18 @@ def _(weight, weight_scale, direction, scale=1.0):
 
 
 @torch.library.register_fake("refusal::orthogonalize_nf4")
-def _(packed, absmax, code, direction, blocksize, nested_absmax, nested_offset, nested_code, nested_blocksize, scale):
+def _(
+    packed,
+    absmax,
+    code,
+    direction,
+    blocksize,
+    nested_absmax,
+    nested_offset,
+    nested_code,
+    nested_blocksize=256,
+    scale=1.0,
+):
     _checks.check_nf4(
         packed, absmax, code, direction, blocksize, nested_absmax, nested_offset, nested_code, nested_blocksize, scale
     )

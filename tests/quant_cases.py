@@ -117,7 +117,7 @@ FORMATS = {
     "fp8 tensor": _fp8_format((), (OUT, IN)),
     "fp8 row": _fp8_format((OUT, 1), (1, IN)),
     # One 128 x 128 block covers 40 x 96: its [1, 1] scale reads as per tensor (torchao's shape).
-    # Several blocks: test_quant_libraries.py (torchao, transformers) and test_quant_triton.py.
+    # Several blocks: test_quant_recognize.py (torchao, transformers) and test_backends_triton_quant.py.
     "fp8 block": _fp8_format((1, 1), (128, 128)),
     "nf4": _nf4_format(False),
     "nf4 double-quant": _nf4_format(True),

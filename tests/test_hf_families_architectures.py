@@ -14,7 +14,7 @@ that where a norm sits matters. For each family, in fp32:
 
 A family that finishes an edit with r still in its residual stream fails its test: that is
 the silently wrong outcome, which must not exist. Run this file as a script for the table the
-README quotes (`python tests/test_hf_architectures.py`).
+README quotes (`python tests/test_hf_families_architectures.py`).
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ import re
 import pytest
 import torch
 from test_hf_families import tiny_direction, tiny_model
-from test_hf_patch import _forward, _relative_difference
+from test_hf_hooks import _forward, _relative_difference
 
 from refusal_kernels.hf import Peak, Schedule, describe_model, orthogonalize_model_, patch
 

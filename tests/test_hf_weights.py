@@ -17,8 +17,8 @@ import re
 import pytest
 import torch
 from test_hf_families import tiny_direction, tiny_model
-from test_hf_patch import _forward, _relative_difference
-from test_hf_quant import GPTQLinear, _quantize_writers
+from test_hf_hooks import _forward, _relative_difference
+from test_hf_weights_quantized import GPTQLinear, _quantize_writers
 
 import refusal_kernels
 from refusal_kernels.hf import Peak, Schedule, orthogonalize_model_, undo_, weights

@@ -5,7 +5,7 @@ float8 weight-only) layers are built by the libraries themselves. GPTQ (v1, and 
 v2 zeros), AWQ and fp8 have no CPU library, so their modules are built here with the
 project's packers (refusal_kernels.quant), which follow the published layouts; their forward
 reads the packed tensors with the transcriptions of AutoGPTQ's and AutoAWQ's dequantization in
-test_quant_libraries.py.
+test_quant_recognize.py.
 
 The yardstick for the in-place edit is the format's own quantization error: the quantized
 model's logits differ from the fp32 model's by some amount q. The in-place result is compared
@@ -35,8 +35,8 @@ import pytest
 import torch
 from quant_cases import fp8_half_step, int4_half_step, nf4_half_step
 from test_hf_families import tiny_direction, tiny_model
-from test_hf_patch import _forward, _max_relative_projection, _relative_difference, _residual_states
-from test_quant_libraries import (
+from test_hf_hooks import _forward, _max_relative_projection, _relative_difference, _residual_states
+from test_quant_recognize import (
     autoawq_dequantize,
     autogptq_dequantize,
     stored_bytes,
@@ -366,7 +366,7 @@ def _torchao_float8_experts(granularity: str = "row"):
     """torchao's quantize_ on the experts' 3-D down_proj parameter (FqnToConfig), weight-only float8.
 
     (torchao makes 3-D Int8Tensors too, but transformers' experts forward needs a transpose
-    that Int8Tensor does not implement; test_quant_libraries.py edits one on its own.)
+    that Int8Tensor does not implement; test_quant_recognize.py edits one on its own.)
     """
 
     def build(experts: nn.Module, config) -> nn.Module:

@@ -1,11 +1,15 @@
-"""The public ops against the pure-torch reference: odd shapes, strides, every dtype."""
+"""The public ops against the pure-torch reference: every sample of tests/op_samples.py (odd
+shapes, strides, empty tensors, every dtype) on each CPU entry point, then properties."""
 
 import pytest
 import torch
+from op_samples import CPU_BACKENDS, SAMPLES, check, make
 from tolerances import DTYPES, TOLERANCES, assert_close
 
 import refusal_kernels as rk
 from refusal_kernels import reference
+
+NORM_AXES = rk._checks.NORM_AXES
 
 
 def strided_rows(shape, dtype, pad=3):
@@ -14,48 +18,18 @@ def strided_rows(shape, dtype, pad=3):
     return buffer[..., pad // 2 : pad // 2 + shape[-1]]
 
 
-ABLATE_SHAPES = [(1, 1), (5, 7), (3, 4097), (2, 3, 4, 5, 6, 7), (0, 16), (2, 0, 9), (9,)]
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", ABLATE_SHAPES)
-@pytest.mark.parametrize("scale", [1.0, 0.3, 2.0])
-def test_ablate_matches_reference(dtype, shape, scale):
-    torch.manual_seed(0)
-    x = torch.randn(shape, dtype=dtype)
-    direction = torch.randn(shape[-1], dtype=torch.float64)
-    expected = reference.ablate(x, direction, scale)
-    assert rk.ablate_(x, direction, scale) is x
-    assert_close(x, expected)
+@pytest.mark.parametrize("sample", SAMPLES, ids=str)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_matches_reference(backend, sample, dtype):
+    check(backend, sample, "cpu", dtype)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_ablate_strided_rows(dtype):
-    torch.manual_seed(0)
-    x = strided_rows((4, 6, 33), dtype)[:, ::2]  # gaps between rows at two levels
-    before = x._base.clone()
-    direction = torch.randn(33, dtype=dtype)
-    expected = reference.ablate(x, direction)
-    rk.ablate_(x, direction)
-    assert_close(x, expected)
-    untouched = torch.ones_like(before, dtype=torch.bool)
-    untouched[:, ::2, 1:34] = False  # only x's elements may change
-    assert torch.equal(x._base[untouched], before[untouched])
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("num_directions", [1, 64])
-@pytest.mark.parametrize("per_batch_row", [False, True])
-def test_ablate_indexed_matches_reference(dtype, num_directions, per_batch_row):
-    torch.manual_seed(0)
-    x = strided_rows((6, 5, 37), dtype)
-    directions = torch.randn(num_directions, 37)
-    index_shape = x.shape[:1] if per_batch_row else x.shape[:-1]
-    index = torch.randint(-1, num_directions, index_shape)
-    index.view(-1)[0] = -1
-    expected = reference.ablate_indexed(x, directions, index)
-    rk.ablate_indexed_(x, directions, index)
-    assert_close(x, expected)
+@pytest.mark.parametrize("op", sorted({sample.op for sample in SAMPLES}))
+def test_in_place_ops_return_their_target(op):
+    sample = next(s for s in SAMPLES if s.op == op)
+    args = make(sample, "cpu", torch.float32).args
+    assert getattr(rk, f"{op}_")(*args) is args[0]
 
 
 def test_ablate_indexed_skips_minus_one():
@@ -73,62 +47,6 @@ def test_ablate_indexed_equals_ablate_per_row():
     expected = torch.stack([rk.ablate(x[k], directions[k]) for k in range(3)])
     rk.ablate_indexed_(x, directions, torch.arange(3))
     torch.testing.assert_close(x, expected)
-
-
-ORTHOGONALIZE_SHAPES = [(1, 1), (7, 5), (33, 4097), (3, 9, 17), (2, 2, 4, 6), (5, 0)]
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", ORTHOGONALIZE_SHAPES)
-@pytest.mark.parametrize("scale", [1.0, 0.5, 2.0])
-def test_orthogonalize_matches_reference(dtype, shape, scale):
-    torch.manual_seed(0)
-    weight = torch.randn(shape, dtype=dtype)
-    direction = torch.randn(shape[-2], dtype=torch.float16)
-    expected = reference.orthogonalize(weight, direction, scale)
-    assert rk.orthogonalize_(weight, direction, scale) is weight
-    assert_close(weight, expected)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_orthogonalize_strided_experts(dtype):
-    torch.manual_seed(0)
-    experts = strided_rows((4, 19, 23), dtype)[::2]  # every other expert, padded rows
-    direction = torch.randn(19)
-    expected = reference.orthogonalize(experts, direction)
-    rk.orthogonalize_(experts, direction)
-    assert_close(experts, expected)
-
-
-NORM_AXES = ("column", "row")
-
-
-@pytest.mark.parametrize("axis", NORM_AXES)
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", ORTHOGONALIZE_SHAPES)
-@pytest.mark.parametrize("scale", [1.0, 0.5, 2.0])
-def test_orthogonalize_norm_preserving_matches_reference(axis, dtype, shape, scale):
-    torch.manual_seed(0)
-    weight = torch.randn(shape, dtype=dtype)
-    direction = torch.randn(shape[-2], dtype=torch.float16)
-    expected = reference.orthogonalize_norm_preserving(weight, direction, scale, axis)
-    assert rk.orthogonalize_norm_preserving_(weight, direction, scale, axis) is weight
-    assert_close(weight, expected)
-
-
-@pytest.mark.parametrize("axis", NORM_AXES)
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_orthogonalize_norm_preserving_strided_experts(axis, dtype):
-    torch.manual_seed(0)
-    experts = strided_rows((4, 19, 23), dtype)[::2]
-    before = experts._base.clone()
-    direction = torch.randn(19)
-    expected = reference.orthogonalize_norm_preserving(experts, direction, 0.5, axis)
-    rk.orthogonalize_norm_preserving_(experts, direction, 0.5, axis)
-    assert_close(experts, expected)
-    untouched = torch.ones_like(before, dtype=torch.bool)
-    untouched[::2, :, 1:24] = False  # only the experts' elements may change
-    assert torch.equal(experts._base[untouched], before[untouched])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -1,4 +1,5 @@
-"""Every op on every GPU backend against `reference`, plus CUDA graphs and torch.compile."""
+"""Every op on every GPU backend against `reference` (the samples of tests/op_samples.py), inside
+torch.compile(fullgraph=True), in CUDA graphs; the quantized ops in tests/test_quant_gpu.py."""
 
 import importlib.util
 
@@ -8,6 +9,8 @@ import torch
 if not torch.cuda.is_available():
     pytest.skip("no CUDA device: the GPU backends cannot run", allow_module_level=True)
 
+from op_samples import SAMPLES, check, make
+from test_ops_registration import COMPILED_SAMPLES
 from tolerances import DTYPES, assert_close
 
 import refusal_kernels
@@ -19,9 +22,6 @@ GPU_BACKENDS = (
     + ("torch",)
 )
 FUSED_BACKENDS = tuple(b for b in GPU_BACKENDS if b != "torch")
-# 1 and 7: several rows per program or warp; 4097: one padded row; 16385: the chunked paths.
-ROW_LENGTHS = (1, 7, 4097, 16385)
-SCALES = (1.0, 0.5, 2.0)
 
 
 @pytest.fixture(params=GPU_BACKENDS)
@@ -37,53 +37,26 @@ def _random(shape, dtype, seed=0):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("d", ROW_LENGTHS)
-def test_ablate(backend, dtype, d):
-    x = _random((67, d), dtype)
-    direction = _random(d, torch.float32, seed=1)
-    for scale in SCALES:
-        actual = x.clone()
-        refusal_kernels.ablate_(actual, direction, scale)
-        assert_close(actual, reference.ablate(x, direction, scale))
+@pytest.mark.parametrize("sample", SAMPLES, ids=str)
+def test_matches_reference(backend, sample, dtype):
+    check("api", sample, "cuda", dtype)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize(
-    "view_of",
-    [lambda b: b[:, :5, 3:4100], lambda b: b[:, ::2, 8:-8], lambda b: b.transpose(0, 1)[..., :4097]],
-    ids=["padded", "every-other-token", "transposed-leading"],
-)
-def test_ablate_strided_rows(backend, dtype, view_of):
-    buffer = _random((3, 7, 4112), dtype)
-    x = view_of(buffer)
-    direction = _random(x.shape[-1], torch.bfloat16, seed=1)
-    expected = buffer.clone()
-    view_of(expected).copy_(reference.ablate(x, direction, 2.0))
-    refusal_kernels.ablate_(x, direction, 2.0)
-    assert_close(buffer, expected)
+@pytest.mark.parametrize("sample", COMPILED_SAMPLES, ids=str)
+def test_every_op_inside_torch_compile_fullgraph(backend, sample):
+    torch._dynamo.reset()
+    inputs = make(sample, "cuda", torch.float32)
+    want = inputs.expected_buffer(sample.op)
+    inplace = getattr(refusal_kernels, f"{sample.op}_")
 
+    @torch.compile(fullgraph=True)
+    def step(*call_args):
+        inplace(*call_args)
+        return call_args[0] * 2
 
-@pytest.mark.parametrize("shape", [(0, 5), (2, 0, 7)])
-def test_ablate_empty(backend, shape):
-    x = torch.empty(shape, device="cuda")
-    refusal_kernels.ablate_(x, torch.ones(shape[-1], device="cuda"))
-    assert x.shape == shape
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("num_directions", (1, 64))
-@pytest.mark.parametrize("d", (7, 4097, 16385))
-@pytest.mark.parametrize("per_batch_row", (False, True))
-def test_ablate_indexed(backend, dtype, num_directions, d, per_batch_row):
-    x = _random((5, 6, d), dtype)
-    directions = _random((num_directions, d), torch.float32, seed=1)
-    index_shape = x.shape[:1] if per_batch_row else x.shape[:-1]
-    generator = torch.Generator(device="cuda").manual_seed(2)
-    index = torch.randint(-1, num_directions, index_shape, generator=generator, device="cuda")
-    index.view(-1)[0] = -1
-    expected = reference.ablate_indexed(x, directions, index, 0.5)
-    refusal_kernels.ablate_indexed_(x, directions, index, 0.5)
-    assert_close(x, expected)
+    out = step(*inputs.args)
+    assert_close(inputs.buffer, want)
+    assert_close(out, inputs.view_of(want) * 2)
 
 
 @pytest.mark.parametrize("name", FUSED_BACKENDS)
@@ -100,52 +73,6 @@ def test_ablate_indexed_out_of_range_is_left_untouched(name):
         assert_close(x, expected)
     finally:
         refusal_kernels.set_backend(None)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [(1, 1), (5, 1), (100, 300), (4096, 1000), (3, 37, 300), (8, 512, 1111)])
-def test_orthogonalize(backend, dtype, shape):
-    weight = _random(shape, dtype)
-    direction = _random(shape[-2], torch.float32, seed=1)
-    for scale in SCALES:
-        actual = weight.clone()
-        refusal_kernels.orthogonalize_(actual, direction, scale)
-        assert_close(actual, reference.orthogonalize(weight, direction, scale))
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_orthogonalize_strided_experts(backend, dtype):
-    buffer = _random((4, 260, 520), dtype)
-    weight = buffer[:, 2:258, 5:505]
-    direction = _random(256, torch.float16, seed=1)
-    expected = buffer.clone()
-    expected[:, 2:258, 5:505] = reference.orthogonalize(weight, direction, 0.5)
-    refusal_kernels.orthogonalize_(weight, direction, 0.5)
-    assert_close(buffer, expected)
-
-
-@pytest.mark.parametrize("axis", ("column", "row"))
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [(1, 1), (5, 1), (100, 300), (4096, 1000), (3, 37, 300), (8, 512, 1111)])
-def test_orthogonalize_norm_preserving(backend, axis, dtype, shape):
-    weight = _random(shape, dtype)
-    direction = _random(shape[-2], torch.float32, seed=1)
-    for scale in SCALES:
-        actual = weight.clone()
-        refusal_kernels.orthogonalize_norm_preserving_(actual, direction, scale, axis)
-        assert_close(actual, reference.orthogonalize_norm_preserving(weight, direction, scale, axis))
-
-
-@pytest.mark.parametrize("axis", ("column", "row"))
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_orthogonalize_norm_preserving_strided_experts(backend, axis, dtype):
-    buffer = _random((4, 260, 520), dtype)
-    weight = buffer[:, 2:258, 5:505]
-    direction = _random(256, torch.float16, seed=1)
-    expected = buffer.clone()
-    expected[:, 2:258, 5:505] = reference.orthogonalize_norm_preserving(weight, direction, 0.5, axis)
-    refusal_kernels.orthogonalize_norm_preserving_(weight, direction, 0.5, axis)
-    assert_close(buffer, expected)
 
 
 @pytest.mark.skipif(len(FUSED_BACKENDS) < 2, reason="needs both the CUDA and the Triton kernels")

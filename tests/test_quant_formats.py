@@ -175,3 +175,16 @@ def test_stored_tensors_are_written_in_place():
     pointers = [t.data_ptr() for t in tensors(state)]
     fmt.kernel_(state, d)
     assert [t.data_ptr() for t in tensors(state)] == pointers
+
+
+# Every quantized op, traced whole: its fake kernel must take the schema's defaults.
+@pytest.mark.parametrize("name", ["int8 torchao", "gptq act-order", "awq", "fp8 block", "nf4", "nf4 double-quant"])
+def test_every_quantized_op_inside_torch_compile_fullgraph(name):
+    fmt = FORMATS[name]
+    d = torch.randn(OUT, generator=torch.Generator().manual_seed(4))
+    expected = fmt.quantize(weight_with_component(d))
+    state = clone_state(expected)
+    fmt.kernel_(expected, d)
+    torch._dynamo.reset()
+    torch.compile(fmt.kernel_, fullgraph=True, backend="aot_eager")(state, d)
+    assert all(torch.equal(a, b) for a, b in zip(tensors(state), tensors(expected), strict=True))

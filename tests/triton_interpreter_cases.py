@@ -1,6 +1,7 @@
-"""The Triton kernels on CPU tensors under the Triton interpreter, against `reference`.
+"""The Triton kernels on CPU tensors under the Triton interpreter, against `reference`: every
+sample of tests/op_samples.py small enough to interpret, then the Triton launcher's own cases.
 
-Run by test_triton_interpreter.py in a child process: TRITON_INTERPRET must be set before the
+Run by test_backends_triton.py in a child process: TRITON_INTERPRET must be set before the
 kernels are defined, and a process that also runs them compiled on a GPU must not see it.
 """
 
@@ -10,6 +11,7 @@ os.environ["TRITON_INTERPRET"] = "1"
 
 import pytest
 import torch
+from op_samples import SAMPLES, check
 from tolerances import DTYPES, assert_close
 
 from refusal_kernels import reference
@@ -17,52 +19,25 @@ from refusal_kernels.backends import triton as triton_backend
 from refusal_kernels.backends.triton import ablate as ablate_module
 from refusal_kernels.backends.triton._layout import TwoLevelLayout, two_level_layout
 
-SCALES = (1.0, 0.5, 2.0)
-# d = 1 and 7: tiny rows packed many to a program; 4097: one padded row per program;
-# MAX_WHOLE_ROW + 1: the chunked two-pass path.
-ROW_LENGTHS = (1, 7, 4097, ablate_module.MAX_WHOLE_ROW + 1)
-
 
 def _random(shape, dtype, seed=0):
     generator = torch.Generator().manual_seed(seed)
     return torch.randn(shape, generator=generator).to(dtype)
 
 
-def _rows_for(d: int) -> int:
-    return 3 if d > 1024 else 37
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("sample", [s for s in SAMPLES if s.interpret], ids=str)
+def test_matches_reference(sample, dtype):
+    check("triton", sample, "cpu", dtype)
+
+
+def test_the_samples_reach_the_chunked_row_path():
+    # Rows longer than MAX_WHOLE_ROW take the two-pass path; the table must hold one.
+    assert any(s.op == "ablate" and s.interpret and s.target_shape[-1] > ablate_module.MAX_WHOLE_ROW for s in SAMPLES)
 
 
 def test_kernels_are_interpreted():
     assert type(ablate_module._ablate_kernel).__name__ == "InterpretedFunction"
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("d", ROW_LENGTHS)
-def test_ablate_matches_reference(dtype, d):
-    x = _random((_rows_for(d), d), dtype)
-    direction = _random(d, torch.float32, seed=1)
-    for scale in SCALES:
-        expected = reference.ablate(x, direction, scale)
-        actual = x.clone()
-        triton_backend.ablate_(actual, direction, scale)
-        assert_close(actual, expected)
-
-
-@pytest.mark.parametrize("direction_dtype", (torch.float64, torch.bfloat16, torch.float16))
-def test_ablate_direction_dtypes(direction_dtype):
-    x = _random((5, 33), torch.float32)
-    direction = _random(33, direction_dtype, seed=1)
-    expected = reference.ablate(x, direction)
-    triton_backend.ablate_(x, direction)
-    assert_close(x, expected)
-
-
-def test_ablate_single_vector():
-    x = _random(19, torch.bfloat16)
-    direction = _random(19, torch.float32, seed=1)
-    expected = reference.ablate(x, direction, 0.5)
-    triton_backend.ablate_(x, direction, 0.5)
-    assert_close(x, expected)
 
 
 @pytest.mark.parametrize("shape", [(0, 5), (2, 0, 7), (3, 0)])
@@ -70,57 +45,6 @@ def test_ablate_empty(shape):
     x = torch.empty(shape)
     triton_backend.ablate_(x, torch.ones(shape[-1]))
     assert x.shape == shape
-
-
-# (buffer shape, view of it): rows that are slices of a bigger buffer. The last case needs
-# three strides and takes the contiguous round trip.
-STRIDED_VIEWS = [
-    ((6, 20), lambda b: b[::2, 3:10]),
-    ((3, 5, 40), lambda b: b[:, :4, :33]),
-    ((4, 3, 40), lambda b: b.transpose(0, 1)[..., 5:38]),
-    ((2, 3, 5, 40), lambda b: b[:, :2, :4, :33]),
-    ((2, 3, ablate_module.MAX_WHOLE_ROW + 10), lambda b: b[:, 1:, 3:-6]),
-]
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("case", range(len(STRIDED_VIEWS)))
-def test_ablate_strided_rows_leave_the_rest_of_the_buffer(dtype, case):
-    buffer_shape, view_of = STRIDED_VIEWS[case]
-    buffer = _random(buffer_shape, dtype)
-    x = view_of(buffer)
-    direction = _random(x.shape[-1], torch.float32, seed=1)
-    expected_buffer = buffer.clone()
-    view_of(expected_buffer).copy_(reference.ablate(x, direction, 2.0))
-    triton_backend.ablate_(x, direction, 2.0)
-    assert_close(buffer, expected_buffer)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("num_directions", (1, 64))
-@pytest.mark.parametrize("d", (7, ablate_module.MAX_WHOLE_ROW + 1))
-def test_ablate_indexed_per_vector(dtype, num_directions, d):
-    batch, tokens = (2, 3) if d > 1024 else (4, 9)
-    x = _random((batch, tokens, d), dtype)
-    directions = _random((num_directions, d), torch.float32, seed=1)
-    index = torch.randint(-1, num_directions, (batch, tokens), generator=torch.Generator().manual_seed(2))
-    index[0, 0] = -1
-    expected = reference.ablate_indexed(x, directions, index, 0.5)
-    triton_backend.ablate_indexed_(x, directions, index, 0.5)
-    assert_close(x, expected)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("num_directions", (1, 64))
-def test_ablate_indexed_per_batch_row(dtype, num_directions):
-    buffer = _random((5, 6, 40), dtype)
-    x = buffer[:, :4, 2:35]  # padded [B, T, d] strides
-    directions = _random((num_directions, 33), torch.float32, seed=1)
-    index = torch.tensor([0, -1, num_directions - 1, -1, 0])
-    expected_buffer = buffer.clone()
-    expected_buffer[:, :4, 2:35] = reference.ablate_indexed(x, directions, index, 2.0)
-    triton_backend.ablate_indexed_(x, directions, index, 2.0)
-    assert_close(buffer, expected_buffer)
 
 
 def test_ablate_indexed_out_of_range_entries_are_left_untouched():
@@ -132,85 +56,16 @@ def test_ablate_indexed_out_of_range_entries_are_left_untouched():
     assert_close(x, expected)
 
 
-def test_ablate_indexed_non_contiguous_index_and_directions():
-    x = _random((3, 4, 10), torch.float16)
-    directions = _random((10, 8), torch.float32, seed=1).t()  # [8, 10], column-major
-    index = torch.randint(-1, 8, (4, 3), generator=torch.Generator().manual_seed(2)).t()
-    expected = reference.ablate_indexed(x, directions, index)
-    triton_backend.ablate_indexed_(x, directions, index)
-    assert_close(x, expected)
-
-
 def test_ablate_indexed_empty():
     x = torch.empty(0, 4, 8)
     triton_backend.ablate_indexed_(x, torch.ones(2, 8), torch.empty(0, dtype=torch.int64))
     assert x.shape == (0, 4, 8)
 
 
-# d_model 100 takes two steps of the row loop; d_in 300 spans three strips, the last partial.
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [(100, 300), (3, 37, 300), (1, 1), (5, 1), (1, 9)])
-def test_orthogonalize_matches_reference(dtype, shape):
-    weight = _random(shape, dtype)
-    direction = _random(shape[-2], torch.float32, seed=1)
-    for scale in SCALES:
-        expected = reference.orthogonalize(weight, direction, scale)
-        actual = weight.clone()
-        triton_backend.orthogonalize_(actual, direction, scale)
-        assert_close(actual, expected)
-
-
-# Padded experts (two strides), and a 4-D stack whose leading dims need three strides.
-WEIGHT_VIEWS = [
-    ((3, 40, 320), lambda b: b[:, :37, 5:305]),
-    ((2, 3, 12, 20), lambda b: b[:, ::2, :10, :17]),
-]
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("case", range(len(WEIGHT_VIEWS)))
-def test_orthogonalize_strided_experts(dtype, case):
-    buffer_shape, view_of = WEIGHT_VIEWS[case]
-    buffer = _random(buffer_shape, dtype)
-    weight = view_of(buffer)
-    direction = _random(weight.shape[-2], torch.bfloat16, seed=1)
-    expected_buffer = buffer.clone()
-    view_of(expected_buffer).copy_(reference.orthogonalize(weight, direction, 0.5))
-    triton_backend.orthogonalize_(weight, direction, 0.5)
-    assert_close(buffer, expected_buffer)
-
-
 def test_orthogonalize_empty():
     weight = torch.empty(2, 0, 5)
     triton_backend.orthogonalize_(weight, torch.ones(0))
     assert weight.shape == (2, 0, 5)
-
-
-@pytest.mark.parametrize("axis", ("column", "row"))
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [(100, 300), (3, 37, 300), (1, 1), (5, 1), (1, 9)])
-def test_orthogonalize_norm_preserving_matches_reference(axis, dtype, shape):
-    weight = _random(shape, dtype)
-    direction = _random(shape[-2], torch.float32, seed=1)
-    for scale in SCALES:
-        expected = reference.orthogonalize_norm_preserving(weight, direction, scale, axis)
-        actual = weight.clone()
-        triton_backend.orthogonalize_norm_preserving_(actual, direction, scale, axis)
-        assert_close(actual, expected)
-
-
-@pytest.mark.parametrize("axis", ("column", "row"))
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("case", range(len(WEIGHT_VIEWS)))
-def test_orthogonalize_norm_preserving_strided_experts(axis, dtype, case):
-    buffer_shape, view_of = WEIGHT_VIEWS[case]
-    buffer = _random(buffer_shape, dtype)
-    weight = view_of(buffer)
-    direction = _random(weight.shape[-2], torch.bfloat16, seed=1)
-    expected_buffer = buffer.clone()
-    view_of(expected_buffer).copy_(reference.orthogonalize_norm_preserving(weight, direction, 0.5, axis))
-    triton_backend.orthogonalize_norm_preserving_(weight, direction, 0.5, axis)
-    assert_close(buffer, expected_buffer)
 
 
 @pytest.mark.parametrize("axis", ("column", "row"))

@@ -492,7 +492,7 @@ def undo_(record: OrthogonalizationRecord) -> None:
     error is about one step, 2^-10 (about 1e-3) and 2^-7 (about 8e-3) of the element's magnitude.
     For float32 the fp32 terms dominate: a few 2^-24 of |s d_i| |x|, the size of the removed
     component, which for an element much smaller than that is many steps of its own.
-    tests/test_hf_undo.py checks this bound on every element of tiny models of four families.
+    tests/test_hf_weights.py checks this bound on every element of tiny models of four families.
 
     After a norm-preserving edit each vector is first scaled back by f = ||x - s c d|| / ||x||
     (found from the recorded ||x|| and c), then gets s c d back. The rounding term becomes

@@ -1,0 +1,246 @@
+"""One table of sample inputs per op, shared by every op test and every backend.
+
+As pytorch/extension-cpp's `sample_inputs`: the correctness tests (tests/test_ops.py on CPU,
+tests/test_ops_gpu.py on CUDA, tests/triton_interpreter_cases.py under the Triton
+interpreter), opcheck and torch.compile (tests/test_ops_registration.py) all read `SAMPLES`,
+and `run` calls the op through the entry point a `backend` names.
+
+Each sample builds a buffer and a view of it: the op runs on the view, and the whole buffer
+is compared with the reference's result written into the view, so a write outside the view
+fails the test too. Values come from a seeded CPU generator, so every device sees the same.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from tolerances import assert_close
+
+import refusal_kernels as rk
+from refusal_kernels import reference
+
+REFERENCES = {
+    "ablate": reference.ablate,
+    "ablate_indexed": reference.ablate_indexed,
+    "orthogonalize": reference.orthogonalize,
+    "orthogonalize_norm_preserving": reference.orthogonalize_norm_preserving,
+}
+# The wrapper's own ways in: "api" the public function (on any device, the kernel the
+# dispatcher picks), "fallback" the reference kernel every device without its own runs,
+# "triton" the Triton kernel itself (CPU tensors under TRITON_INTERPRET=1).
+CPU_BACKENDS = ("api", "fallback")
+FALLBACK_KEYS = torch._C.DispatchKeySet(torch._C.DispatchKey.CompositeExplicitAutograd)
+
+
+def _whole(buffer: torch.Tensor) -> torch.Tensor:
+    return buffer
+
+
+@dataclass(frozen=True)
+class Sample:
+    op: str
+    name: str
+    target_shape: tuple[int, ...]  # the buffer the op's target is a view of
+    build_rest: Callable[[torch.Tensor, torch.Generator], tuple]  # the other arguments, from the target
+    view_of: Callable[[torch.Tensor], torch.Tensor] = _whole
+    # Sizes that exercise a GPU kernel's tiling are too slow for the Triton interpreter.
+    interpret: bool = True
+
+    def __str__(self) -> str:
+        return f"{self.op}-{self.name}"
+
+
+@dataclass
+class SampleInputs:
+    buffer: torch.Tensor
+    args: tuple  # the op's arguments; args[0] is view_of(buffer)
+    view_of: Callable[[torch.Tensor], torch.Tensor]
+
+    def expected_buffer(self, op: str) -> torch.Tensor:
+        """The buffer as the reference leaves it (computed before the op runs)."""
+        expected = self.buffer.clone()
+        self.view_of(expected).copy_(REFERENCES[op](*self.args))
+        return expected
+
+
+def make(sample: Sample, device: str, dtype: torch.dtype, seed: int = 0) -> SampleInputs:
+    generator = torch.Generator().manual_seed(seed)
+    buffer = torch.randn(sample.target_shape, generator=generator).to(dtype)
+    rest = sample.build_rest(sample.view_of(buffer), generator)
+    to_device = tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in rest)
+    buffer = buffer.to(device)
+    return SampleInputs(buffer, (sample.view_of(buffer), *to_device), sample.view_of)
+
+
+def run(backend: str, op: str, *args, **kwargs) -> None:
+    """refusal::<op>(*args) through the entry point `backend` names (see CPU_BACKENDS)."""
+    if backend == "fallback":
+        getattr(torch.ops.refusal, op).default.redispatch(FALLBACK_KEYS, *args, **kwargs)
+    elif backend == "triton":
+        from refusal_kernels.backends import triton
+
+        getattr(triton, f"{op}_")(*args, **kwargs)
+    else:
+        getattr(rk, f"{op}_")(*args, **kwargs)
+
+
+def check(backend: str, sample: Sample, device: str, dtype: torch.dtype) -> None:
+    """Run the sample on `backend` and compare the whole buffer with the reference's."""
+    inputs = make(sample, device, dtype)
+    expected = inputs.expected_buffer(sample.op)
+    run(backend, sample.op, *inputs.args)
+    assert_close(inputs.buffer, expected)
+
+
+def _direction(scale: float = 1.0, dtype: torch.dtype = torch.float32):
+    def rest(target: torch.Tensor, generator: torch.Generator) -> tuple:
+        return torch.randn(target.shape[-1], generator=generator).to(dtype), scale
+
+    return rest
+
+
+def _weight_direction(scale: float = 1.0, dtype: torch.dtype = torch.float32, axis: str | None = None):
+    def rest(target: torch.Tensor, generator: torch.Generator) -> tuple:
+        direction = torch.randn(target.shape[-2], generator=generator).to(dtype)
+        return (direction, scale) if axis is None else (direction, scale, axis)
+
+    return rest
+
+
+def _indexed(
+    num_directions: int,
+    per_batch_row: bool = False,
+    scale: float = 1.0,
+    strided: bool = False,
+    column_major: bool = False,
+):
+    def rest(target: torch.Tensor, generator: torch.Generator) -> tuple:
+        d = target.shape[-1]
+        directions = torch.randn(num_directions, 2 * d if strided else d, generator=generator)
+        index_shape = target.shape[:1] if per_batch_row else target.shape[:-1]
+        index = torch.randint(-1, num_directions, (2, *index_shape) if strided else index_shape, generator=generator)
+        if strided:  # every other column of the directions, and an index that is a slice too
+            directions, index = directions[:, ::2], index[1]
+        if column_major:  # directions and index both transposed views
+            directions = directions.t().contiguous().t()
+            index = index.transpose(0, 1).contiguous().transpose(0, 1)
+        if index.numel():
+            index[(0,) * index.dim()] = -1
+        return directions, index, scale
+
+    return rest
+
+
+# Rows: 1 and 7 pack many rows to a program or warp; 4097 is one padded row; 16385 takes the
+# chunked paths. Views: padded rows, every other token, transposed leading dims.
+ABLATE = [
+    Sample("ablate", "1x1", (1, 1), _direction()),
+    Sample("ablate", "5x7-scale0.3", (5, 7), _direction(0.3)),
+    Sample("ablate", "3x4097-reflect", (3, 4097), _direction(2.0)),
+    Sample("ablate", "3x16385", (3, 16385), _direction(0.5)),
+    Sample("ablate", "6-dims", (2, 3, 4, 5, 6, 7), _direction()),
+    Sample("ablate", "one-vector", (9,), _direction()),
+    Sample("ablate", "empty-rows", (0, 16), _direction()),
+    Sample("ablate", "empty-middle", (2, 0, 9), _direction()),
+    Sample("ablate", "bf16-direction", (5, 33), _direction(1.0, torch.bfloat16)),
+    Sample("ablate", "f64-direction", (5, 33), _direction(1.0, torch.float64)),
+    Sample("ablate", "padded-rows", (3, 7, 4112), _direction(2.0), lambda b: b[:, :5, 3:4100]),
+    Sample("ablate", "every-other-token", (3, 7, 4112), _direction(), lambda b: b[:, ::2, 8:-8]),
+    Sample("ablate", "transposed-leading", (3, 7, 4112), _direction(), lambda b: b.transpose(0, 1)[..., :4097]),
+    # Views the Triton launcher lays out in two levels, and one with three strides, which it
+    # edits through a contiguous copy.
+    Sample("ablate", "every-other-row", (6, 20), _direction(2.0), lambda b: b[::2, 3:10]),
+    Sample("ablate", "padded-3d", (3, 5, 40), _direction(2.0), lambda b: b[:, :4, :33]),
+    Sample("ablate", "transposed-padded", (4, 3, 40), _direction(2.0), lambda b: b.transpose(0, 1)[..., 5:38]),
+    Sample("ablate", "three-strides", (2, 3, 5, 40), _direction(2.0), lambda b: b[:, :2, :4, :33]),
+    Sample("ablate", "padded-16394", (2, 3, 16394), _direction(2.0), lambda b: b[:, 1:, 3:-6]),
+]
+ABLATE_INDEXED = [
+    Sample("ablate_indexed", "per-vector-K1", (5, 6, 7), _indexed(1)),
+    Sample("ablate_indexed", "per-vector-K64", (5, 6, 7), _indexed(64, scale=0.5)),
+    Sample("ablate_indexed", "per-vector-4097", (3, 2, 4097), _indexed(4)),
+    Sample("ablate_indexed", "per-vector-16385", (3, 16385), _indexed(3)),
+    Sample("ablate_indexed", "per-batch-row", (5, 6, 33), _indexed(4, per_batch_row=True)),
+    Sample("ablate_indexed", "per-batch-row-K64", (5, 6, 7), _indexed(64, per_batch_row=True, scale=2.0)),
+    Sample(
+        "ablate_indexed", "per-batch-row-padded", (5, 6, 40), _indexed(4, per_batch_row=True), lambda b: b[:, :4, 2:35]
+    ),
+    Sample("ablate_indexed", "column-major-directions", (3, 4, 10), _indexed(8, column_major=True)),
+    Sample("ablate_indexed", "strided-index-and-directions", (4, 3, 9), _indexed(5, strided=True)),
+    Sample("ablate_indexed", "strided-rows", (4, 6, 40), _indexed(3), lambda b: b[:, ::2, 3:-3]),
+    Sample("ablate_indexed", "empty", (0, 8), _indexed(2)),
+]
+ORTHOGONALIZE_SHAPES = {
+    "1x1": (1, 1),
+    "5x1": (5, 1),
+    "1x9": (1, 9),
+    "7x5": (7, 5),
+    "100x300": (100, 300),
+    "33x4097": (33, 4097),
+    "experts-3x9x17": (3, 9, 17),
+    "4-dims": (2, 2, 4, 6),
+    "empty": (5, 0),
+}
+STRIDED_EXPERTS = ((4, 260, 520), lambda b: b[:, 2:258, 5:505])
+EVERY_OTHER_EXPERT = ((6, 9, 30), lambda b: b[::2, :, 1:24])
+# Padded experts (two strides), and a 4-D stack whose leading dims need three strides.
+PADDED_EXPERTS = ((3, 40, 320), lambda b: b[:, :37, 5:305])
+FOUR_D_STACK = ((2, 3, 12, 20), lambda b: b[:, ::2, :10, :17])
+WEIGHT_VIEWS = {"padded-experts": PADDED_EXPERTS, "4d-stack": FOUR_D_STACK}
+ORTHOGONALIZE = [
+    *(
+        Sample("orthogonalize", name, shape, _weight_direction(scale))
+        for (name, shape), scale in zip(ORTHOGONALIZE_SHAPES.items(), (1.0, 0.5, 2.0) * 3, strict=True)
+    ),
+    Sample("orthogonalize", "f16-direction", (8, 12), _weight_direction(1.0, torch.float16)),
+    Sample("orthogonalize", "strided-experts", STRIDED_EXPERTS[0], _weight_direction(0.5), STRIDED_EXPERTS[1]),
+    Sample("orthogonalize", "every-other-expert", EVERY_OTHER_EXPERT[0], _weight_direction(), EVERY_OTHER_EXPERT[1]),
+    *(
+        Sample("orthogonalize", name, shape, _weight_direction(0.5, torch.bfloat16), view)
+        for name, (shape, view) in WEIGHT_VIEWS.items()
+    ),
+]
+NORM_PRESERVING = (
+    [
+        Sample("orthogonalize_norm_preserving", f"{axis}-{name}", shape, _weight_direction(scale, axis=axis))
+        for axis in rk._checks.NORM_AXES
+        for (name, shape), scale in zip(ORTHOGONALIZE_SHAPES.items(), (1.0, 0.5, 2.0) * 3, strict=True)
+    ]
+    + [
+        Sample(
+            "orthogonalize_norm_preserving",
+            f"{axis}-strided-experts",
+            STRIDED_EXPERTS[0],
+            _weight_direction(0.5, torch.float16, axis),
+            STRIDED_EXPERTS[1],
+        )
+        for axis in rk._checks.NORM_AXES
+    ]
+    + [
+        Sample(
+            "orthogonalize_norm_preserving",
+            f"{axis}-every-other-expert",
+            EVERY_OTHER_EXPERT[0],
+            _weight_direction(2.0, axis=axis),
+            EVERY_OTHER_EXPERT[1],
+        )
+        for axis in rk._checks.NORM_AXES
+    ]
+)
+# Shapes that span many GPU tiles and blocks.
+LARGE = [
+    Sample("ablate", "67x16385", (67, 16385), _direction(0.5), interpret=False),
+    Sample("ablate_indexed", "5x6x16385-K64", (5, 6, 16385), _indexed(64, scale=0.5), interpret=False),
+    Sample("orthogonalize", "4096x1000", (4096, 1000), _weight_direction(2.0), interpret=False),
+    Sample("orthogonalize", "experts-8x512x1111", (8, 512, 1111), _weight_direction(), interpret=False),
+    *(
+        Sample(
+            "orthogonalize_norm_preserving", f"{axis}-{name}", shape, _weight_direction(0.5, axis=axis), interpret=False
+        )
+        for axis in rk._checks.NORM_AXES
+        for name, shape in (("4096x1000", (4096, 1000)), ("experts-8x512x1111", (8, 512, 1111)))
+    ),
+]
+SAMPLES = ABLATE + ABLATE_INDEXED + ORTHOGONALIZE + NORM_PRESERVING + LARGE
