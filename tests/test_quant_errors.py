@@ -165,8 +165,11 @@ def test_fake_kernels_check_metadata():
         ("int8", lambda: (*_int8(), D)),
         ("gptq", lambda: (*_gptq(), D, GROUP)),
         ("gptq", lambda: (*_gptq(), D, GROUP, 1.0, "v2")),
+        ("awq", lambda: (*_awq(), D, GROUP)),
+        ("nf4", lambda: nf4.op_args(_nf4(), D, 1.0)),
+        ("nf4", lambda: nf4.op_args(_nf4(double_quant=False), D, 0.5)),
     ],
-    ids=["int8", "gptq", "gptq v2"],
+    ids=["int8", "gptq", "gptq v2", "awq", "nf4 double-quant", "nf4"],
 )
 def test_opcheck(op, args):
     torch.library.opcheck(
@@ -174,3 +177,9 @@ def test_opcheck(op, args):
         args(),
         test_utils=("test_schema", "test_faketensor"),
     )
+
+
+def test_opcheck_fp8():
+    # opcheck's schema test compares the tensors before and after with ops that have no
+    # float8_e4m3fn CPU kernel ("mul_cpu_reduced_float" not implemented): the fake-tensor test only.
+    torch.library.opcheck(torch.ops.refusal.orthogonalize_fp8, (*_fp8(), D), test_utils=("test_faketensor",))
