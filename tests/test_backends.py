@@ -4,6 +4,7 @@ A CUDA entry of the dispatch table is reached from CPU tensors with `redispatch`
 registered there runs as it would for CUDA tensors, so the choice is tested without a GPU.
 """
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -107,3 +108,24 @@ def test_a_bad_environment_variable_names_itself_at_import():
     result = _import_with_env("fastest")
     assert result.returncode != 0
     assert "REFUSAL_KERNELS_BACKEND must be one of" in result.stderr
+
+
+@pytest.mark.usefixtures("restore_backend")
+@pytest.mark.skipif(
+    torch.version.cuda is None or importlib.util.find_spec("triton") is None,
+    reason="needs triton and a CUDA build of torch",
+)
+def test_set_backend_triton_covers_every_op_and_falls_back_where_triton_has_no_kernel():
+    from quant_cases import FORMATS, GROUP, OUT, clone_state, tensors, weight_with_component
+
+    rk.set_backend("triton")
+    assert all(_ops.has_kernel(op, "CUDA") for op in _ops.OPS)
+    # AWQ has no Triton kernel: its CUDA entry is the reference, which runs on CPU tensors too.
+    fmt = FORMATS["awq"]
+    direction = torch.randn(OUT, generator=torch.Generator().manual_seed(3))
+    state = fmt.quantize(weight_with_component(direction))
+    expected = clone_state(state)
+    fmt.reference_(expected, direction)
+    qweight, qzeros, scales = state
+    torch.ops.refusal.orthogonalize_awq.default.redispatch(CUDA_KEY, qweight, qzeros, scales, direction, GROUP, 1.0)
+    assert all(torch.equal(a, b) for a, b in zip(tensors(state), tensors(expected), strict=True))
