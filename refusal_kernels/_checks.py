@@ -139,6 +139,14 @@ def nonzero_finite_rows(directions: torch.Tensor) -> str | None:
     return None
 
 
+def check_nonzero_finite(direction: torch.Tensor, name: str = "direction") -> None:
+    """ValueError unless every row of `direction` is finite and non-zero, read now on any device
+    (the references, which read their data anyway)."""
+    problem = nonzero_finite_rows(direction)
+    if problem:
+        raise ValueError(f"{name} {problem}")
+
+
 def check_direction_once(direction: torch.Tensor, target: torch.Tensor, name: str = "direction") -> None:
     """ValueError unless every row of `direction` is finite and non-zero (GPU targets: once per version)."""
     check_data_once(direction, name, nonzero_finite_rows, target)
@@ -179,7 +187,7 @@ def gptq_zero_min(zeros_format: str) -> int:
     return GPTQ_ZEROS_FORMATS[zeros_format]
 
 
-def _check_dtype(t: torch.Tensor, name: str, dtypes: tuple[torch.dtype, ...]) -> None:
+def check_dtype(t: torch.Tensor, name: str, dtypes: tuple[torch.dtype, ...]) -> None:
     if t.dtype not in dtypes:
         raise TypeError(f"{name} must be {' or '.join(str(d) for d in dtypes)}, got {t.dtype}")
 
@@ -189,14 +197,14 @@ def _check_shape(t: torch.Tensor, name: str, shape: tuple[int, ...], meaning: st
         raise ValueError(f"{name} must have shape {tuple(shape)} ({meaning}), got {tuple(t.shape)}")
 
 
-def _check_contiguous(t: torch.Tensor, name: str) -> None:
+def check_contiguous(t: torch.Tensor, name: str) -> None:
     if not t.is_contiguous():
         raise ValueError(f"{name} must be contiguous, got strides {tuple(t.stride())}")
 
 
 def _check_storage(t: torch.Tensor, name: str, dtypes: tuple[torch.dtype, ...], target: torch.Tensor) -> None:
-    _check_dtype(t, name, dtypes)
-    _check_contiguous(t, name)
+    check_dtype(t, name, dtypes)
+    check_contiguous(t, name)
     check_same_device(t, name, target, "the quantized weight")
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from .. import reference
-from .._checks import nonzero_finite_rows
+from .._checks import check_nonzero_finite
 
 NIBBLES_PER_INT32 = 8
 
@@ -81,9 +81,7 @@ def orthogonalized_float(dequantized: torch.Tensor, direction: torch.Tensor, sca
 
     Checks the direction's data first (as the CPU kernels do), before anything is written.
     """
-    problem = nonzero_finite_rows(direction)
-    if problem:
-        raise ValueError(f"direction {problem}")
+    check_nonzero_finite(direction)
     return reference.orthogonalize(dequantized.float(), direction, scale)
 
 

@@ -1,0 +1,379 @@
+"""llama.cpp's K-quant formats Q4_K, Q5_K and Q6_K: layouts and pure-torch references.
+
+A row of a GGUF tensor is a run of super-blocks of 256 values, each stored as one C struct
+of ggml-common.h (block_q4_K, block_q5_K, block_q6_K), little-endian and without padding.
+Byte offsets below are within one super-block; value i is the i-th of its 256 values.
+
+Q4_K, 144 bytes: 8 sub-blocks of 32 values, each with a 6-bit scale sc_j and a 6-bit min m_j.
+    0..1     d       fp16, the scale of the sub-block scales
+    2..3     dmin    fp16, the scale of the sub-block mins
+    4..15    scales  s[0..11]: for j < 4, sc_j = s[j] & 63 and m_j = s[j + 4] & 63;
+                     for j >= 4, sc_j = (s[j + 4] & 0xF) | (s[j - 4] >> 6) << 4
+                             and m_j = (s[j + 4] >> 4) | (s[j] >> 6) << 4
+    16..143  qs      4-bit quants: byte 32c + l holds q of value 64c + l in its low nibble
+                     and q of value 64c + 32 + l in its high nibble (c = 0..3, l = 0..31)
+    value i = (d * sc_j) * q_i - dmin * m_j, with j = i // 32 and q_i in 0..15
+
+Q5_K, 176 bytes: Q4_K's d, dmin and scales (bytes 0..15), then
+    16..47   qh      the fifth bit of each quant: bit b of byte l is that of value 32b + l
+    48..175  qs      the low 4 bits, packed as Q4_K's qs
+    value i = (d * sc_j) * q_i - dmin * m_j, with j = i // 32 and q_i = low | high << 4 in 0..31
+
+Q6_K, 210 bytes: 16 sub-blocks of 16 values, each with an 8-bit scale sc_j.
+    0..127   ql      low 4 bits: byte 64h + p holds value 128h + p in its low nibble and
+                     value 128h + 64 + p in its high nibble (h = 0, 1, p = 0..63)
+    128..191 qh      high 2 bits: bits 2t and 2t + 1 of byte 32h + l are those of value
+                     128h + 32t + l (t = 0..3, l = 0..31)
+    192..207 scales  int8 sc_j
+    208..209 d       fp16
+    value i = (d * sc_j) * (q_i - 32), with j = i // 16 and q_i = low | high << 4 in 0..63
+
+All arithmetic is fp32, in the order the parentheses show (llama.cpp's dequantize_row_q*_K).
+
+`quantize` follows llama.cpp's reference quantizers, those used without an importance matrix:
+  Q4_K  quantize_row_q4_K_ref: per sub-block, make_qkx2_quants(nmax 15, weights
+        sqrt(mean x^2) + |x|, rmin -1, rdelta 0.1, nstep 20, squared error), then the
+        scales and mins rounded to 6 bits against the super-block's largest ones;
+  Q5_K  quantize_row_q5_K_ref: the same with nmax 31, rmin -0.5, rdelta 0.1, nstep 15;
+  Q6_K  quantize_row_q6_K_ref: per sub-block, make_qx_quants(nmax 32, rmse_type 1), then
+        the scales rounded to int8 against the super-block's largest one.
+Each loop is kept, with fp32 sums accumulated in llama.cpp's order and nearest_int's
+rounding (ties to even, through 1.5 * 2**23) emulated bit for bit, vectorized over blocks.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+
+from ..._checks import (
+    check_contiguous,
+    check_dtype,
+    check_float,
+)
+from ._edit import orthogonalize_blocks_
+
+VALUES_PER_BLOCK = 256
+FORMATS = {"Q4_K": (VALUES_PER_BLOCK, 144), "Q5_K": (VALUES_PER_BLOCK, 176), "Q6_K": (VALUES_PER_BLOCK, 210)}
+
+# llama.cpp's GROUP_MAX_EPS: make_qx_quants calls a sub-block whose largest magnitude is below it
+# all zero, and quantize_row_q6_K_ref stores a super-block whose largest scale is below it as zeros.
+_GROUP_MAX_EPS = torch.tensor(1e-15, dtype=torch.float32).item()
+# 1.5 * 2**23: adding it leaves round(x) in the low 23 bits of the float (nearest_int).
+_ROUNDING_OFFSET = 12582912.0
+# The search parameters of make_qkx2_quants (nmax, rmin, rdelta, nstep) for the two formats with mins.
+_MIN_FORMAT_SEARCH = {"Q4_K": (15, -1.0, 0.1, 20), "Q5_K": (31, -0.5, 0.1, 15)}
+_Q6_NMAX = 32
+
+
+def _check_type_name(type_name: str) -> None:
+    if type_name not in FORMATS:
+        raise ValueError(f"type_name must be one of {sorted(FORMATS)}, got {type_name!r}")
+
+
+def _check_blocks(blocks: torch.Tensor, type_name: str) -> int:
+    """Checks the storage of a [rows, bytes_per_row] tensor of super-blocks; returns the row length."""
+    _check_type_name(type_name)
+    check_dtype(blocks, "blocks", (torch.uint8,))
+    check_contiguous(blocks, "blocks")
+    if blocks.dim() != 2:
+        raise ValueError(f"blocks must be 2-D [rows, bytes_per_row], got shape {tuple(blocks.shape)}")
+    values_per_block, bytes_per_block = FORMATS[type_name]
+    if blocks.shape[1] % bytes_per_block:
+        raise ValueError(
+            f"blocks has {blocks.shape[1]} bytes per row, not a multiple of {type_name}'s {bytes_per_block}"
+        )
+    return blocks.shape[1] // bytes_per_block * values_per_block
+
+
+def _check_values(values: torch.Tensor) -> None:
+    check_float(values, "values")
+    if values.dim() != 2 or values.shape[1] % VALUES_PER_BLOCK:
+        raise ValueError(
+            f"values must be 2-D [rows, row_length] with row_length a multiple of {VALUES_PER_BLOCK}, "
+            f"got shape {tuple(values.shape)}"
+        )
+    if not bool(torch.isfinite(values).all()):
+        raise ValueError("values must be finite")
+
+
+# ---- fp32 arithmetic as llama.cpp does it
+
+
+def _nearest_int(values: torch.Tensor) -> torch.Tensor:
+    """llama.cpp's nearest_int, bit for bit (int32): round to nearest, ties to even, for |x| < 2**22.
+
+    Beyond that range it returns what llama.cpp's does (its assert is compiled out).
+    """
+    return ((values + _ROUNDING_OFFSET).view(torch.int32) & 0x7FFFFF) - 0x400000
+
+
+def _divided(numerator: float, denominator: torch.Tensor) -> torch.Tensor:
+    """numerator / denominator as an fp32 division (a Python scalar over a tensor would take a reciprocal)."""
+    return torch.full_like(denominator, numerator) / denominator
+
+
+def _running_sum(terms: torch.Tensor) -> torch.Tensor:
+    """Sum over dim 0, term after term (a C loop's fp32 `sum += term`), not a tree reduction."""
+    total = terms[0]
+    for term in terms[1:]:
+        total = total + term
+    return total
+
+
+def _positive_part(values: torch.Tensor) -> torch.Tensor:
+    """values where > 0, else 0: what a scan `if (v > best) best = v` from 0 sees (NaN never wins)."""
+    return torch.where(values > 0, values, 0.0)
+
+
+def _sqrt(values: torch.Tensor) -> torch.Tensor:
+    """sqrtf, correctly rounded: torch's fp32 sqrt on CPU may be off by an ulp, one in double is exact."""
+    return torch.sqrt(values.double()).float()
+
+
+def _f32(value: float) -> torch.Tensor:
+    """A float32 scalar, so that arithmetic on constants rounds as C's float expressions do."""
+    return torch.tensor(value, dtype=torch.float32)
+
+
+# ---- bytes
+
+
+def _fp16_at(blocks: torch.Tensor, offset: int) -> torch.Tensor:
+    """The fp16 stored at `offset` of every block, as fp32 [blocks]."""
+    return blocks[:, offset : offset + 2].contiguous().view(torch.float16).float().flatten()
+
+
+def _fp16_bytes(values: torch.Tensor) -> torch.Tensor:
+    """fp32 [blocks] rounded to fp16 (to nearest even), as bytes [blocks, 2]."""
+    return values.half().reshape(-1, 1).view(torch.uint8)
+
+
+def _field_shifts(bits: int, device: torch.device) -> torch.Tensor:
+    return torch.arange(0, 8, bits, dtype=torch.int32, device=device).reshape(1, 1, -1, 1)
+
+
+def _unpack_fields(packed: torch.Tensor, groups: int, bits: int) -> torch.Tensor:
+    """Bytes [blocks, groups * n] holding 8 / bits fields each -> int32 [blocks, groups * 8 / bits * n].
+
+    Field k of byte g * n + l is value (g * 8 / bits + k) * n + l: every K-quant array of quants.
+    """
+    grouped = packed.int().reshape(packed.shape[0], groups, 1, packed.shape[1] // groups)
+    return ((grouped >> _field_shifts(bits, packed.device)) & ((1 << bits) - 1)).flatten(1)
+
+
+def _pack_fields(values: torch.Tensor, groups: int, bits: int) -> torch.Tensor:
+    """Inverse of `_unpack_fields`: int values [blocks, N], each below 2**bits -> uint8 [blocks, N * bits / 8]."""
+    shifts = _field_shifts(bits, values.device)
+    fields = shifts.shape[2]
+    grouped = values.int().reshape(values.shape[0], groups, fields, values.shape[1] // (groups * fields))
+    return (grouped << shifts).sum(2).flatten(1).to(torch.uint8)
+
+
+def _unpack_scales_and_mins(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The 12 bytes of 6-bit scales and mins of Q4_K and Q5_K -> (sc, m), int32 [blocks, 8] each."""
+    low_scales, low_mins, rest = packed.int().reshape(-1, 3, 4).unbind(1)
+    scales = torch.cat([low_scales & 63, (rest & 0xF) | ((low_scales >> 2) & 0x30)], dim=1)
+    mins = torch.cat([low_mins & 63, (rest >> 4) | ((low_mins >> 2) & 0x30)], dim=1)
+    return scales, mins
+
+
+def _pack_scales_and_mins(scales: torch.Tensor, mins: torch.Tensor) -> torch.Tensor:
+    """Inverse of `_unpack_scales_and_mins`: int32 [blocks, 8] each, values in 0..63 -> uint8 [blocks, 12]."""
+    first = scales[:, :4] | (scales[:, 4:] >> 4) << 6
+    second = mins[:, :4] | (mins[:, 4:] >> 4) << 6
+    third = (scales[:, 4:] & 0xF) | (mins[:, 4:] & 0xF) << 4
+    return torch.cat([first, second, third], dim=1).to(torch.uint8)
+
+
+# ---- dequantize
+
+
+def _dequantize_with_mins(blocks: torch.Tensor, type_name: str) -> torch.Tensor:
+    """Q4_K or Q5_K super-blocks [blocks, bytes] -> fp32 [blocks, 256]."""
+    scales, mins = _unpack_scales_and_mins(blocks[:, 4:16])
+    if type_name == "Q4_K":
+        quants = _unpack_fields(blocks[:, 16:], 4, 4)
+    else:
+        quants = _unpack_fields(blocks[:, 48:], 4, 4) | _unpack_fields(blocks[:, 16:48], 1, 1) << 4
+    step = _fp16_at(blocks, 0)[:, None] * scales.float()
+    offset = _fp16_at(blocks, 2)[:, None] * mins.float()
+    values = step[..., None] * quants.reshape(-1, 8, 32).float() - offset[..., None]
+    return values.reshape(-1, VALUES_PER_BLOCK)
+
+
+def _dequantize_q6(blocks: torch.Tensor) -> torch.Tensor:
+    """Q6_K super-blocks [blocks, 210] -> fp32 [blocks, 256]."""
+    quants = (_unpack_fields(blocks[:, :128], 2, 4) | _unpack_fields(blocks[:, 128:192], 2, 2) << 4) - 32
+    step = _fp16_at(blocks, 208)[:, None] * blocks[:, 192:208].view(torch.int8).float()
+    return (step[..., None] * quants.reshape(-1, 16, 16).float()).reshape(-1, VALUES_PER_BLOCK)
+
+
+def dequantize(blocks: torch.Tensor, type_name: str) -> torch.Tensor:
+    """uint8 blocks [rows, bytes_per_row] of `type_name` -> fp32 [rows, row_length] (llama.cpp's values)."""
+    row_length = _check_blocks(blocks, type_name)
+    superblocks = blocks.reshape(-1, FORMATS[type_name][1])
+    values = _dequantize_q6(superblocks) if type_name == "Q6_K" else _dequantize_with_mins(superblocks, type_name)
+    return values.reshape(blocks.shape[0], row_length)
+
+
+# ---- quantize: Q4_K and Q5_K
+
+
+def _make_qkx2_quants(
+    x: torch.Tensor, weights: torch.Tensor, nmax: int, rmin: float, rdelta: float, nstep: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """llama.cpp's make_qkx2_quants (use_mad false) on each column of x [n, groups].
+
+    Returns (levels int32 [n, groups] in 0..nmax, scale [groups], the_min [groups]) with
+    x ~ scale * levels - the_min. As in llama.cpp, each step of the search starts from the
+    min of the best fit so far.
+    """
+    low = x.amin(0)
+    low = torch.where(low > 0, 0.0, low)
+    high = x.amax(0)
+    flat = high == low
+    sum_w = _running_sum(weights)
+    sum_x = _running_sum(weights * x)
+    inverse = _divided(nmax, high - low)
+    scale = _divided(1.0, inverse)
+    levels = _nearest_int(inverse * (x - low)).clamp(0, nmax)
+    best_error = _running_sum(weights * ((scale * levels.float() + low) - x).square())
+    for step in range(nstep + 1):
+        inverse = _divided((_f32(rmin) + _f32(rdelta) * step + nmax).item(), high - low)
+        trial = _nearest_int(inverse * (x - low)).clamp(0, nmax)
+        trial_float = trial.float()
+        weighted = weights * trial_float
+        sum_l, sum_l2, sum_xl = _running_sum(torch.stack([weighted, weighted * trial_float, weighted * x], 1)).unbind()
+        determinant = sum_w * sum_l2 - sum_l * sum_l
+        trial_scale = (sum_w * sum_xl - sum_x * sum_l) / determinant
+        trial_min = (sum_l2 * sum_x - sum_l * sum_xl) / determinant
+        min_above_zero = trial_min > 0
+        trial_scale = torch.where(min_above_zero, sum_xl / sum_l2, trial_scale)
+        trial_min = torch.where(min_above_zero, 0.0, trial_min)
+        error = _running_sum(weights * ((trial_scale * trial_float + trial_min) - x).square())
+        better = ~flat & (determinant > 0) & (error < best_error)
+        levels = torch.where(better, trial, levels)
+        best_error = torch.where(better, error, best_error)
+        scale = torch.where(better, trial_scale, scale)
+        low = torch.where(better, trial_min, low)
+    return torch.where(flat, 0, levels), torch.where(flat, 0.0, scale), -low
+
+
+def _six_bit_codes(values: torch.Tensor, largest: torch.Tensor) -> torch.Tensor:
+    """nearest_int(63 / largest * value) as llama.cpp stores it in a uint8 and clamps to 63 (0 if largest is 0)."""
+    inverse = torch.where(largest > 0, _divided(63.0, largest), 0.0)
+    return (_nearest_int(inverse[:, None] * values) & 0xFF).clamp(max=63)
+
+
+def _quantize_with_mins(superblocks: torch.Tensor, type_name: str) -> torch.Tensor:
+    """fp32 [blocks, 256] -> Q4_K or Q5_K super-blocks (quantize_row_q4_K_ref, quantize_row_q5_K_ref)."""
+    nmax, rmin, rdelta, nstep = _MIN_FORMAT_SEARCH[type_name]
+    # Sub-blocks as columns [32, sub-blocks]: the running sums then step along contiguous rows.
+    x = superblocks.reshape(-1, 32).T.contiguous()
+    spread = _sqrt(_running_sum(x * x) / 32)
+    levels, scales, mins = _make_qkx2_quants(x, spread + x.abs(), nmax, rmin, rdelta, nstep)
+    scales, mins = scales.reshape(-1, 8), mins.reshape(-1, 8)
+    largest_scale, largest_min = _positive_part(scales).amax(1), _positive_part(mins).amax(1)
+    scale_codes, min_codes = _six_bit_codes(scales, largest_scale), _six_bit_codes(mins, largest_min)
+    d, dmin = _fp16_bytes(largest_scale / 63), _fp16_bytes(largest_min / 63)
+    step = d.view(torch.float16).float() * scale_codes.float()
+    offset = dmin.view(torch.float16).float() * min_codes.float()
+    x = superblocks.reshape(-1, 8, 32)
+    requantized = _nearest_int((x + offset[..., None]) / step[..., None]).clamp(0, nmax)
+    # A sub-block whose step is zero keeps the levels of its own fit, as in llama.cpp.
+    levels = torch.where(step[..., None] != 0, requantized, levels.T.reshape(-1, 8, 32)).reshape(-1, VALUES_PER_BLOCK)
+    parts = [d, dmin, _pack_scales_and_mins(scale_codes, min_codes)]
+    if type_name == "Q5_K":
+        parts.append(_pack_fields(levels >> 4, 1, 1))
+    parts.append(_pack_fields(levels & 0xF, 4, 4))
+    return torch.cat(parts, dim=1)
+
+
+# ---- quantize: Q6_K
+
+
+def _signed_levels(x: torch.Tensor, inverse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(l, sum of w x l, sum of w l^2) over each column, with l = nearest_int(inverse * x) in -32..31 and w = x^2."""
+    levels = _nearest_int(inverse * x).clamp(-_Q6_NMAX, _Q6_NMAX - 1)
+    levels_float = levels.float()
+    weights = x * x
+    sum_lx, sum_l2 = _running_sum(torch.stack([weights * x * levels_float, weights * levels_float * levels_float], 1))
+    return levels, sum_lx, sum_l2
+
+
+def _make_qx_quants(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """llama.cpp's make_qx_quants(n, 32, x, L, rmse_type=1, NULL) on each column of x [n, groups].
+
+    Returns (levels int32 [n, groups] in 0..63, offset by 32 as llama.cpp's L, scale [groups]).
+    """
+    magnitude, first_largest = x.abs().max(0)
+    largest = x.gather(0, first_largest[None]).flatten()
+    levels, sum_lx, sum_l2 = _signed_levels(x, _divided(-_Q6_NMAX, largest))
+    scale = torch.where(sum_l2 != 0, sum_lx / sum_l2, 0.0)
+    best = scale * sum_lx
+    for step in [*range(-9, 0), *range(1, 10)]:
+        inverse = _divided(-(_Q6_NMAX + _f32(0.1) * step).item(), largest)
+        trial, trial_lx, trial_l2 = _signed_levels(x, inverse)
+        better = (trial_l2 > 0) & (trial_lx * trial_lx > best * trial_l2)
+        levels = torch.where(better, trial, levels)
+        scale = torch.where(better, trial_lx / trial_l2, scale)
+        best = torch.where(better, scale * trial_lx, best)
+    all_zero = magnitude < _GROUP_MAX_EPS
+    return torch.where(all_zero, 0, levels + _Q6_NMAX), torch.where(all_zero, 0.0, scale)
+
+
+def _quantize_q6(superblocks: torch.Tensor) -> torch.Tensor:
+    """fp32 [blocks, 256] -> Q6_K super-blocks (quantize_row_q6_K_ref)."""
+    # Sub-blocks as columns [16, sub-blocks]: the running sums then step along contiguous rows.
+    levels, scales = _make_qx_quants(superblocks.reshape(-1, 16).T.contiguous())
+    levels, scales = levels.T.reshape(-1, 16, 16), scales.reshape(-1, 16)
+    # The first scale of largest magnitude, as llama.cpp's scan `if (|s| > max_abs)` finds it.
+    largest_magnitude, first_largest = _positive_part(scales.abs()).max(1)
+    largest = scales.gather(1, first_largest[:, None]).flatten()
+    inverse = _divided(-128.0, largest)
+    d = _fp16_bytes(_divided(1.0, inverse))
+    # nearest_int clamped to 127, then stored in an int8.
+    codes = ((_nearest_int(inverse[:, None] * scales).clamp(max=127) + 128) & 0xFF) - 128
+    step = d.view(torch.float16).float() * codes.float()
+    requantized = _nearest_int(superblocks.reshape(-1, 16, 16) / step[..., None]).clamp(-32, 31) + 32
+    levels = torch.where(step[..., None] != 0, requantized, levels).reshape(-1, VALUES_PER_BLOCK)
+    parts = [
+        _pack_fields(levels & 0xF, 2, 4),
+        _pack_fields(levels >> 4, 2, 2),
+        codes.to(torch.int8).view(torch.uint8),
+        d,
+    ]
+    packed = torch.cat(parts, dim=1)
+    return torch.where((largest_magnitude < _GROUP_MAX_EPS)[:, None], 0, packed)
+
+
+def quantize(values: torch.Tensor, type_name: str) -> torch.Tensor:
+    """fp32 values [rows, row_length] (a multiple of 256) -> uint8 blocks [rows, bytes_per_row].
+
+    The bytes that llama.cpp's quantize_row_q4_K_ref, quantize_row_q5_K_ref or quantize_row_q6_K_ref
+    writes for each row.
+    """
+    _check_type_name(type_name)
+    _check_values(values)
+    superblocks = values.float().reshape(-1, VALUES_PER_BLOCK)
+    blocks = _quantize_q6(superblocks) if type_name == "Q6_K" else _quantize_with_mins(superblocks, type_name)
+    return blocks.reshape(values.shape[0], values.shape[1] // VALUES_PER_BLOCK * FORMATS[type_name][1])
+
+
+# ---- the edit
+
+
+def orthogonalize_reference_(
+    blocks: torch.Tensor, type_name: str, direction: torch.Tensor, scale: float = 1.0, layout: str = "matrix"
+) -> None:
+    """Dequantize, orthogonalize in fp32, requantize every super-block; writes `blocks` in place.
+
+    layout "matrix": the rows are d_model outputs of a linear weight [out][in], W <- W - scale d (d^T W);
+    layout "rows": each row is a d_model vector (token embeddings), v <- v - scale (v . d) d.
+    Every argument is checked before anything is written.
+    """
+    row_length = _check_blocks(blocks, type_name)
+    codec = (partial(dequantize, type_name=type_name), partial(quantize, type_name=type_name))
+    orthogonalize_blocks_(blocks, row_length, direction, scale, layout, *codec)
