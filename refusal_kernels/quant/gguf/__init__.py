@@ -9,6 +9,6 @@ fresh scales, written back into the same bytes):
   kquants   Q4_K, Q5_K, Q6_K (256 values per super-block)
 """
 
-from ._edit import LAYOUTS
+from ._blocks import LAYOUTS
 
 __all__ = ["LAYOUTS"]

@@ -48,11 +48,9 @@ from functools import partial
 import torch
 
 from ..._checks import (
-    check_contiguous,
-    check_dtype,
     check_float,
 )
-from ._edit import orthogonalize_blocks_
+from ._blocks import check_blocks, check_type_name, fp16_bytes, fp16_values, orthogonalize_blocks_
 
 VALUES_PER_BLOCK = 256
 FORMATS = {"Q4_K": (VALUES_PER_BLOCK, 144), "Q5_K": (VALUES_PER_BLOCK, 176), "Q6_K": (VALUES_PER_BLOCK, 210)}
@@ -65,26 +63,6 @@ _ROUNDING_OFFSET = 12582912.0
 # The search parameters of make_qkx2_quants (nmax, rmin, rdelta, nstep) for the two formats with mins.
 _MIN_FORMAT_SEARCH = {"Q4_K": (15, -1.0, 0.1, 20), "Q5_K": (31, -0.5, 0.1, 15)}
 _Q6_NMAX = 32
-
-
-def _check_type_name(type_name: str) -> None:
-    if type_name not in FORMATS:
-        raise ValueError(f"type_name must be one of {sorted(FORMATS)}, got {type_name!r}")
-
-
-def _check_blocks(blocks: torch.Tensor, type_name: str) -> int:
-    """Checks the storage of a [rows, bytes_per_row] tensor of super-blocks; returns the row length."""
-    _check_type_name(type_name)
-    check_dtype(blocks, "blocks", (torch.uint8,))
-    check_contiguous(blocks, "blocks")
-    if blocks.dim() != 2:
-        raise ValueError(f"blocks must be 2-D [rows, bytes_per_row], got shape {tuple(blocks.shape)}")
-    values_per_block, bytes_per_block = FORMATS[type_name]
-    if blocks.shape[1] % bytes_per_block:
-        raise ValueError(
-            f"blocks has {blocks.shape[1]} bytes per row, not a multiple of {type_name}'s {bytes_per_block}"
-        )
-    return blocks.shape[1] // bytes_per_block * values_per_block
 
 
 def _check_values(values: torch.Tensor) -> None:
@@ -142,12 +120,12 @@ def _f32(value: float) -> torch.Tensor:
 
 def _fp16_at(blocks: torch.Tensor, offset: int) -> torch.Tensor:
     """The fp16 stored at `offset` of every block, as fp32 [blocks]."""
-    return blocks[:, offset : offset + 2].contiguous().view(torch.float16).float().flatten()
+    return fp16_values(blocks[:, offset : offset + 2]).flatten()
 
 
 def _fp16_bytes(values: torch.Tensor) -> torch.Tensor:
-    """fp32 [blocks] rounded to fp16 (to nearest even), as bytes [blocks, 2]."""
-    return values.half().reshape(-1, 1).view(torch.uint8)
+    """fp32 [blocks] rounded to fp16, as bytes [blocks, 2]."""
+    return fp16_bytes(values.reshape(-1, 1))
 
 
 def _field_shifts(bits: int, device: torch.device) -> torch.Tensor:
@@ -212,7 +190,7 @@ def _dequantize_q6(blocks: torch.Tensor) -> torch.Tensor:
 
 def dequantize(blocks: torch.Tensor, type_name: str) -> torch.Tensor:
     """uint8 blocks [rows, bytes_per_row] of `type_name` -> fp32 [rows, row_length] (llama.cpp's values)."""
-    row_length = _check_blocks(blocks, type_name)
+    row_length = check_blocks(blocks, type_name, FORMATS)
     superblocks = blocks.reshape(-1, FORMATS[type_name][1])
     values = _dequantize_q6(superblocks) if type_name == "Q6_K" else _dequantize_with_mins(superblocks, type_name)
     return values.reshape(blocks.shape[0], row_length)
@@ -355,7 +333,7 @@ def quantize(values: torch.Tensor, type_name: str) -> torch.Tensor:
     The bytes that llama.cpp's quantize_row_q4_K_ref, quantize_row_q5_K_ref or quantize_row_q6_K_ref
     writes for each row.
     """
-    _check_type_name(type_name)
+    check_type_name(type_name, FORMATS)
     _check_values(values)
     superblocks = values.float().reshape(-1, VALUES_PER_BLOCK)
     blocks = _quantize_q6(superblocks) if type_name == "Q6_K" else _quantize_with_mins(superblocks, type_name)
@@ -374,6 +352,6 @@ def orthogonalize_reference_(
     layout "rows": each row is a d_model vector (token embeddings), v <- v - scale (v . d) d.
     Every argument is checked before anything is written.
     """
-    row_length = _check_blocks(blocks, type_name)
+    row_length = check_blocks(blocks, type_name, FORMATS)
     codec = (partial(dequantize, type_name=type_name), partial(quantize, type_name=type_name))
     orthogonalize_blocks_(blocks, row_length, direction, scale, layout, *codec)

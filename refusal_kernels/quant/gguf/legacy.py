@@ -32,11 +32,9 @@ from typing import NamedTuple
 import torch
 
 from ..._checks import (
-    check_contiguous,
-    check_dtype,
     check_float,
 )
-from ._edit import orthogonalize_blocks_
+from ._blocks import check_blocks, check_type_name, fp16_bytes, fp16_values, orthogonalize_blocks_
 
 BLOCK_VALUES = 32
 _HALF_BLOCK = BLOCK_VALUES // 2
@@ -71,31 +69,8 @@ FORMATS = {name: (BLOCK_VALUES, spec.scale_bytes + BLOCK_VALUES * spec.bits // 8
 
 
 def _format(type_name: str) -> _Spec:
-    if type_name not in _SPECS:
-        raise ValueError(f"type_name must be one of {', '.join(FORMATS)}, got {type_name!r}")
+    check_type_name(type_name, FORMATS)
     return _SPECS[type_name]
-
-
-def _check_blocks(blocks: torch.Tensor, type_name: str) -> None:
-    check_dtype(blocks, "blocks", (torch.uint8,))
-    if blocks.dim() != 2:
-        raise ValueError(f"blocks must be 2-D [rows, bytes_per_row], got shape {tuple(blocks.shape)}")
-    check_contiguous(blocks, "blocks")
-    block_bytes = FORMATS[type_name][1]
-    if blocks.shape[1] % block_bytes:
-        raise ValueError(
-            f"blocks has {blocks.shape[1]} bytes per row, not a multiple of {type_name}'s {block_bytes} bytes per block"
-        )
-
-
-def _fp16_values(raw: torch.Tensor) -> torch.Tensor:
-    """uint8 [..., 2] (little-endian fp16) -> fp32 [..., 1]."""
-    return raw.contiguous().view(torch.float16).float()
-
-
-def _fp16_bytes(values: torch.Tensor) -> torch.Tensor:
-    """fp32 [..., 1] -> uint8 [..., 2], rounded to the nearest fp16 as the C cast does."""
-    return values.to(torch.float16).view(torch.uint8)
 
 
 def _bit_shifts(device: torch.device) -> torch.Tensor:
@@ -131,14 +106,14 @@ def _pack_quants(q: torch.Tensor, spec: _Spec) -> torch.Tensor:
 def dequantize(blocks: torch.Tensor, type_name: str) -> torch.Tensor:
     """uint8 blocks [rows, bytes_per_row] -> fp32 values [rows, row_length] (row_length = 32 per block)."""
     spec = _format(type_name)
-    _check_blocks(blocks, type_name)
+    check_blocks(blocks, type_name, FORMATS)
     rows, num_blocks = blocks.shape[0], blocks.shape[1] // FORMATS[type_name][1]
     grouped = blocks.reshape(rows, num_blocks, FORMATS[type_name][1])
-    d = _fp16_values(grouped[..., :2])
+    d = fp16_values(grouped[..., :2])
     q = _unpack_quants(grouped[..., spec.scale_bytes :], spec)
     values = d * (q - spec.offset).float()
     if spec.has_min:
-        values = values + _fp16_values(grouped[..., 2:4])
+        values = values + fp16_values(grouped[..., 2:4])
     return values.reshape(rows, num_blocks * BLOCK_VALUES)
 
 
@@ -189,7 +164,7 @@ def quantize(values: torch.Tensor, type_name: str) -> torch.Tensor:
         )
     rows, num_blocks = values.shape[0], values.shape[1] // BLOCK_VALUES
     d, m, q = _scales_and_quants(values.float().reshape(rows, num_blocks, BLOCK_VALUES), spec)
-    scales = [_fp16_bytes(d)] if m is None else [_fp16_bytes(d), _fp16_bytes(m)]
+    scales = [fp16_bytes(d)] if m is None else [fp16_bytes(d), fp16_bytes(m)]
     return torch.cat([*scales, _pack_quants(q, spec)], dim=-1).reshape(rows, num_blocks * FORMATS[type_name][1])
 
 
@@ -203,8 +178,6 @@ def orthogonalize_reference_(
     layout "rows": each row is a d_model vector (token embeddings), v <- v - scale * (v . d) d,
     direction of length row_length.
     """
-    _format(type_name)
-    _check_blocks(blocks, type_name)
-    row_length = blocks.shape[1] // FORMATS[type_name][1] * BLOCK_VALUES
+    row_length = check_blocks(blocks, type_name, FORMATS)
     codec = (partial(dequantize, type_name=type_name), partial(quantize, type_name=type_name))
     orthogonalize_blocks_(blocks, row_length, direction, scale, layout, *codec)
