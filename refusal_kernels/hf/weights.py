@@ -357,19 +357,34 @@ def check_structure(
 def _edited_for_the_check(edits: list[_Edit]) -> Iterator[None]:
     """Edit these tensors for the self-check and put them back bit for bit: their modules' outputs
     cannot be hooked (the forward is not what computes them), so the check needs the real edit."""
-    originals = [(t, t.detach().clone()) for edit in edits for t in edit.writer.storage]
+    originals = _storage_copies(edits)
     try:
         with torch.no_grad():
             for edit in edits:
-                if edit.writer.quantized is not None:
-                    edit.writer.quantized.orthogonalize_(edit.direction, edit.scale)
-                else:
-                    _orthogonalize_dense_(edit, False, False)
+                _edit_(edit, undo=False, norm_preserving=False)
         yield
     finally:
-        with torch.no_grad():
-            for tensor, original in originals:
-                tensor.copy_(original)
+        _put_back(originals)
+
+
+def _storage_copies(edits: list[_Edit]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(tensor, a copy of it) for every tensor the edits write, to put back bit for bit."""
+    return [(t, t.detach().clone()) for edit in edits for t in edit.writer.storage]
+
+
+def _put_back(copies: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    with torch.no_grad():
+        for tensor, original in copies:
+            tensor.copy_(original)
+
+
+def _edit_(edit: _Edit, undo: bool, norm_preserving: bool) -> UndoEntry | None:
+    """One writer's edit in its own storage: its format's op when quantized, else the dense edit
+    (with undo, returning what restores it)."""
+    if edit.writer.quantized is not None:
+        edit.writer.quantized.orthogonalize_(edit.direction, edit.scale)
+        return None
+    return _orthogonalize_dense_(edit, undo, norm_preserving)
 
 
 def _apply(
@@ -384,20 +399,18 @@ def _apply(
     a copy of every tensor written."""
     record = OrthogonalizationRecord(scale=scale, norm_preserving=norm_preserving)
     entries: list[UndoEntry] = []
-    copies = [(t, t.detach().clone()) for e in edits for t in e.writer.storage] if undo == COPY else []
+    copies = _storage_copies(edits) if undo == COPY else []
     if any(e.writer.component == families.EMBEDDING for e in edits) and head_is_tied(model, structure):
         record.untied_head = untie_head(model, structure)
     with torch.no_grad():
         for edit in edits:
             writer, quantized = edit.writer, edit.writer.quantized
-            if quantized is not None:
-                quantized.orthogonalize_(edit.direction, edit.scale)
-                shape, fmt = quantized.shape, quantized.format
-            else:
-                entry = _orthogonalize_dense_(edit, undo is True, norm_preserving)
-                if entry is not None:
-                    entries.append(entry)
-                shape, fmt = tuple(writer.parameter.shape), None
+            entry = _edit_(edit, undo is True, norm_preserving)
+            if entry is not None:
+                entries.append(entry)
+            shape, fmt = (
+                (tuple(writer.parameter.shape), None) if quantized is None else (quantized.shape, quantized.format)
+            )
             record.changed.append(ChangedTensor(writer.name, shape, writer.layout, writer.layer, edit.scale, fmt))
     if undo:
         record.undo = UndoData(model, structure, entries, copies)
@@ -521,9 +534,7 @@ def undo_(record: OrthogonalizationRecord) -> None:
             raise ValueError(f"{entry.name} was changed in place after orthogonalize_model_; nothing was restored")
     for entry in data.entries:
         _restore_(entry)
-    with torch.no_grad():
-        for tensor, original in data.copies:
-            tensor.copy_(original)
+    _put_back(data.copies)
     if record.untied_head is not None:
         retie_head(data.model, data.structure)
     data.entries.clear()
