@@ -267,7 +267,7 @@ def cmd_abliterate(args) -> int:
     sets = prompt_sets(args)
     spec, model, tokenizer, load_seconds = load(args)
     direction = given_direction(args, model)
-    if direction is None and trial is None:
+    if direction is None:  # load_trial already refused a cell next to --trial
         check_cell(args, model)
     options = AbliterationOptions(
         mode=args.mode,

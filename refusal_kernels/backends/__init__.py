@@ -82,6 +82,7 @@ def _register(backend: str, dispatch_key: str) -> torch.library.Library:
     return library
 
 
+# Held for the life of the process: a Library takes its kernels back when it is collected.
 _FALLBACK = _register("torch", "CompositeExplicitAutograd")
 _DEFAULT_CUDA = None if _BUILD_HAS_CUDA_KERNELS or not _HAS_TRITON else _register("triton", "CUDA")
 _override: torch.library.Library | None = None
