@@ -134,7 +134,7 @@ def _weights_patch(
     spec: families.StructureSpec | None,
 ) -> PatchHandle:
     record = weights.orthogonalize_model_(
-        model, direction, scale=scale, layers=layers, verify=verify, structure=spec, undo=weights.COPY
+        model, direction, scale=scale, layers=layers, verify=verify, structure=spec, undo=weights.EXACT
     )
     return PatchHandle([], lambda: weights.undo_(record))
 
@@ -156,10 +156,10 @@ def patch(
         direction: [d_model], or one per layer [num_layers, d_model]; any float dtype,
             normalized internally.
         mode: "hooks" ablates at run time (see the module docstring); "weights" calls
-            `orthogonalize_model_(undo="copy")`, whose record keeps a copy of every tensor it
-            changes (the residual writers: embeddings, attention and MLP output projections,
-            their biases, quantized storage), so that remove() restores them bit for bit with
-            `undo_`; only this mode holds that extra memory.
+            `orthogonalize_model_(undo="exact")`, whose record keeps O(d_in) per dense writer
+            plus the original of each element its restore would miss, and a copy of quantized
+            storage, so that remove() restores every writer bit for bit with `undo_`; only
+            this mode holds that extra memory.
         layers: only these layer indices (default all). In weights mode, only their writers
             are orthogonalized (and the embeddings), which is not the same as hooking them.
         scale: 1 removes the component; see `refusal_kernels.ablate_`. A Schedule gives each

@@ -34,7 +34,11 @@ of a row layout. That is O(d_in) memory per matrix (O(rows) for embeddings, bias
 weights), never a copy of the model, and it is computed chunk by chunk, so no fp32 copy of a
 whole tensor is made either. The restored weights are within about one rounding step of the
 original ones (the bound is in `undo_`'s docstring). Requantization is not reversible, so
-undo=True refuses quantized writers.
+undo=True refuses quantized writers. undo="exact" (what `patch(mode="weights")` uses) adds the
+original value of each element that the restore would not give back bit for bit, found at edit
+time by running the restore's own elementwise arithmetic, which gives the same bits on every
+run; it keeps a copy of quantized storage. undo_ then restores every tensor bit for bit, for
+the memory of the record plus a few percent of the dense writers' elements (README).
 
 With norm_preserving=True every residual vector v of a writer (a matrix's column, or a row of
 a row layout) keeps its norm: v <- ||v|| normalize(v - s (d.v) d), `orthogonalize_norm_preserving_`
@@ -48,7 +52,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -60,9 +64,10 @@ from .schedule import Schedule, check_scale_or_schedule
 
 # undo_'s fp32 temporaries hold at most about this many elements of a tensor at a time.
 UNDO_CHUNK_ELEMENTS = 1 << 22
-# orthogonalize_model_(undo=COPY) keeps a copy of every tensor written: undo_ is then exact.
-COPY = "copy"
-UNDO_MODES = (False, True, COPY)
+# orthogonalize_model_(undo=EXACT): the record of undo=True plus the original value of every
+# element it would not restore bit for bit, and a copy of quantized storage; undo_ is then exact.
+EXACT = "exact"
+UNDO_MODES = (False, True, EXACT)
 
 
 @dataclass(frozen=True)
@@ -98,6 +103,9 @@ class UndoEntry:
     version: tensor._version just after the edit; an in-place change since alters it.
     norms: for a norm-preserving edit, the fp32 norm ||v|| of each original residual vector
         (same shape as projection); None for a plain edit.
+    fixes: with undo="exact", (indices, values): the row-major flat index and original value
+        of every element the restore alone would not give back bit for bit, or (None, a copy
+        of the original) where those would take more memory than a copy; else None.
     """
 
     name: str
@@ -108,12 +116,13 @@ class UndoEntry:
     projection: torch.Tensor
     version: int
     norms: torch.Tensor | None = None
+    fixes: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 @dataclass
 class UndoData:
-    """The model, its structure (to tie the head again), and for each tensor changed either an
-    UndoEntry (undo=True, dense tensors) or a copy of the original (undo="copy", any storage)."""
+    """The model, its structure (to tie the head again), an UndoEntry for each dense tensor
+    changed, and (undo="exact") a copy of each quantized storage tensor changed."""
 
     model: nn.Module
     structure: families.ModelStructure
@@ -131,7 +140,7 @@ class OrthogonalizationRecord:
         embedding (it now holds its own copy of the original matrix), else None.
     scale: the scale used, a number or a Schedule.
     norm_preserving: whether every residual vector kept its norm (see the module docstring).
-    undo: what `undo_` restores the weights from (orthogonalize_model_(..., undo=True or "copy")), else None.
+    undo: what `undo_` restores the weights from (orthogonalize_model_(..., undo=True or "exact")), else None.
     """
 
     changed: list[ChangedTensor] = field(default_factory=list)
@@ -290,16 +299,58 @@ def _kept_fraction(norms: torch.Tensor, projection: torch.Tensor, scale: float) 
     return torch.where(norms > 0, squared.sqrt() / norms.clamp_min(torch.finfo(torch.float32).tiny), 0.0)
 
 
+def _restored(entry: UndoEntry, chunk: slice) -> torch.Tensor:
+    """One chunk's restored vectors in the tensor's dtype: v' + scale * c d (after undoing the
+    rescaling of a norm-preserving edit), in fp32, rounded once.
+
+    Each step is its own elementwise op (no fused multiply-add), so the result is the same
+    bits however the op is split across threads: undo="exact" relies on that to know, at edit
+    time, which elements the restore will miss.
+    """
+    part = _vectors(entry.tensor.detach(), entry.layout)[..., chunk, :]
+    edited = part.float()
+    if entry.norms is not None:
+        edited *= _kept_fraction(entry.norms[..., chunk], entry.projection[..., chunk], entry.scale)[..., None]
+    removed = (entry.projection[..., chunk, None] * entry.scale) * entry.direction
+    return (edited + removed).to(part.dtype)
+
+
 def _restore_(entry: UndoEntry) -> None:
-    """v <- v + scale * c d for each residual vector (after undoing the rescaling of a
-    norm-preserving edit), in fp32 one chunk at a time, rounded once."""
+    """Put every chunk's restored vectors back, then the recorded original of each element missed."""
+    indices, values = entry.fixes or (None, None)
+    if values is not None and indices is None:
+        entry.tensor.detach().copy_(values)
+        return
     vectors = _vectors(entry.tensor.detach(), entry.layout)
     for chunk in _chunks(vectors):
-        part = vectors[..., chunk, :]
-        edited = part.float()
-        if entry.norms is not None:
-            edited *= _kept_fraction(entry.norms[..., chunk], entry.projection[..., chunk], entry.scale)[..., None]
-        part.copy_(torch.addcmul(edited, entry.projection[..., chunk, None], entry.direction, value=entry.scale))
+        vectors[..., chunk, :].copy_(_restored(entry, chunk))
+    if indices is not None:
+        entry.tensor.detach().index_put_(torch.unravel_index(indices.long(), entry.tensor.shape), values)
+
+
+def _fixes(entry: UndoEntry, original: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """(flat indices, original values) of the elements `_restored` does not give back bit for
+    bit, compared as bits (so -0.0 and NaN payloads count), one chunk at a time; or (None,
+    original) when they would take more memory than the original. In bfloat16 and float16
+    they are a few percent of the elements; in float32 the edit's kernel and the record
+    accumulate c in different orders, which moves many small elements by a step or more."""
+    missed = torch.zeros(original.shape, dtype=torch.bool, device=original.device)
+    bits = _bits_dtype(original.dtype)
+    missed_vectors, original_vectors = _vectors(missed, entry.layout), _vectors(original, entry.layout)
+    for chunk in _chunks(original_vectors):
+        restored = _restored(entry, chunk).view(bits)
+        missed_vectors[..., chunk, :] = restored != original_vectors[..., chunk, :].view(bits)
+    indices = missed.view(-1).nonzero().squeeze(1)
+    if original.numel() <= torch.iinfo(torch.int32).max:
+        indices = indices.to(torch.int32)
+    if indices.numel() * (indices.itemsize + original.itemsize) >= original.numel() * original.itemsize:
+        return None, original
+    return indices, original.reshape(-1)[indices.long()]
+
+
+def _bits_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The integer dtype of the same width, to compare floats bit for bit."""
+    return {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[dtype.itemsize]
 
 
 def _ablate_rows_norm_preserving_(tensor: torch.Tensor, direction: torch.Tensor, scale: float) -> None:
@@ -310,12 +361,14 @@ def _ablate_rows_norm_preserving_(tensor: torch.Tensor, direction: torch.Tensor,
         part.copy_(reference.ablate_norm_preserving(part, direction, scale))
 
 
-def _orthogonalize_dense_(edit: _Edit, undo: bool, norm_preserving: bool) -> UndoEntry | None:
+def _orthogonalize_dense_(edit: _Edit, undo: bool | str, norm_preserving: bool) -> UndoEntry | None:
     """Orthogonalize one dense tensor, plainly or keeping each residual vector's norm; with undo,
-    return what restores it."""
+    return what restores it (exactly with undo="exact", which holds a copy of this one tensor
+    while it finds the elements the restore would miss)."""
     writer = edit.writer
     tensor, layout = writer.parameter.data, writer.layout
     projection, norms = _projection(tensor, layout, edit.direction, norm_preserving) if undo else (None, None)
+    original = tensor.clone() if undo == EXACT else None
     if not norm_preserving:
         (ops.orthogonalize_ if layout == families.MATRIX else ops.ablate_)(tensor, edit.direction, edit.scale)
     elif layout == families.MATRIX:
@@ -325,7 +378,10 @@ def _orthogonalize_dense_(edit: _Edit, undo: bool, norm_preserving: bool) -> Und
     if projection is None:
         return None
     version = writer.parameter._version
-    return UndoEntry(writer.name, writer.parameter, layout, edit.direction, edit.scale, projection, version, norms)
+    entry = UndoEntry(writer.name, writer.parameter, layout, edit.direction, edit.scale, projection, version, norms)
+    if original is None:
+        return entry
+    return replace(entry, fixes=_fixes(entry, original))
 
 
 def check_structure(
@@ -378,7 +434,7 @@ def _put_back(copies: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
             tensor.copy_(original)
 
 
-def _edit_(edit: _Edit, undo: bool, norm_preserving: bool) -> UndoEntry | None:
+def _edit_(edit: _Edit, undo: bool | str, norm_preserving: bool) -> UndoEntry | None:
     """One writer's edit in its own storage: its format's op when quantized, else the dense edit
     (with undo, returning what restores it)."""
     if edit.writer.quantized is not None:
@@ -395,17 +451,17 @@ def _apply(
     undo: bool | str,
     norm_preserving: bool = False,
 ) -> OrthogonalizationRecord:
-    """Make the planned edits; undo=True records an UndoEntry for every dense tensor, undo="copy"
-    a copy of every tensor written."""
+    """Make the planned edits; undo records an UndoEntry for every dense tensor, and undo="exact"
+    a copy of every quantized storage tensor written."""
     record = OrthogonalizationRecord(scale=scale, norm_preserving=norm_preserving)
     entries: list[UndoEntry] = []
-    copies = _storage_copies(edits) if undo == COPY else []
+    copies = _storage_copies([e for e in edits if e.writer.quantized is not None]) if undo == EXACT else []
     if any(e.writer.component == families.EMBEDDING for e in edits) and head_is_tied(model, structure):
         record.untied_head = untie_head(model, structure)
     with torch.no_grad():
         for edit in edits:
             writer, quantized = edit.writer, edit.writer.quantized
-            entry = _edit_(edit, undo is True, norm_preserving)
+            entry = _edit_(edit, undo, norm_preserving)
             if entry is not None:
                 entries.append(entry)
             shape, fmt = (
@@ -447,10 +503,12 @@ def orthogonalize_model_(
             quantized ones raise ValueError naming the first.
         undo: keep what `undo_` needs to restore the weights (O(d_in) per matrix, see the
             module docstring). Quantized writers cannot be restored exactly, since their edit
-            requantizes: undo=True raises ValueError naming the first one. undo="copy" keeps
-            a copy of every tensor written instead (the memory of those tensors), from which
-            `undo_` restores them bit for bit, quantized storage included; `patch(mode="weights")`
-            uses it.
+            requantizes: undo=True raises ValueError naming the first one. undo="exact" adds,
+            for each dense tensor, the original value of every element the restore would not
+            give back bit for bit (a few percent of the elements), and keeps a copy of each
+            quantized storage tensor, so that `undo_` restores everything bit for bit;
+            `patch(mode="weights")` uses it. While it edits a tensor it holds one copy of that
+            tensor, to find those elements.
         verify: before the first write, run `check_structure`: one short forward pass with every
             writer's output orthogonalized at scale 1, which raises ResidualLeakError (a
             StructureError) naming the first layer that would still write r, leaving the model
@@ -466,7 +524,7 @@ def orthogonalize_model_(
     Bad arguments raise ValueError/TypeError before any tensor is changed.
     """
     if undo not in UNDO_MODES:
-        raise ValueError(f"undo must be False, True or {COPY!r}, got {undo!r}")
+        raise ValueError(f"undo must be False, True or {EXACT!r}, got {undo!r}")
     spec = structure
     structure, scale, edits, _ = _plan(model, direction, scale, include_embeddings, layers, spec)
     if undo is True:
@@ -483,11 +541,14 @@ def orthogonalize_model_(
 
 
 def undo_(record: OrthogonalizationRecord) -> None:
-    """Restore, in place, the weights that `orthogonalize_model_(..., undo=True)` changed.
+    """Restore, in place, the weights that `orthogonalize_model_(..., undo=True or "exact")` changed.
 
     Each tensor gets its removed component back, W <- W + s d c^T (each row v <- v + s c d for
     a row layout), computed in fp32 one chunk at a time and rounded once to its dtype; a head
-    that was untied shares the token embedding again. The record is then spent.
+    that was untied shares the token embedding again. The record is then spent. After
+    undo="exact" every element the restore missed gets its recorded original back and quantized
+    storage its copy, so the weights are the original ones bit for bit; after undo=True they
+    are within the bound below.
 
     Restoration error: the edit rounded W - s d c^T once to the storage dtype and the undo
     rounds W' + s d c^T once, so each restored element W_r is within about one rounding step
@@ -515,7 +576,7 @@ def undo_(record: OrthogonalizationRecord) -> None:
     `orthogonalize_norm_preserving_` does) comes back as s c d, off by its tiny remainder.
 
     Args:
-        record: the OrthogonalizationRecord of orthogonalize_model_(..., undo=True).
+        record: the OrthogonalizationRecord of orthogonalize_model_(..., undo=True or "exact").
 
     Raises:
         TypeError: record is not an OrthogonalizationRecord.
