@@ -7,8 +7,53 @@ fresh scales, written back into the same bytes):
 
   legacy    Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 (32 values per block)
   kquants   Q4_K, Q5_K, Q6_K (256 values per super-block)
+
+`orthogonalize_` edits the blocks of any of these types; `dequantize` and `quantize` pick the
+type's module.
 """
 
+from __future__ import annotations
+
+import torch
+
+from . import kquants, legacy
 from ._blocks import LAYOUTS
 
-__all__ = ["LAYOUTS"]
+_MODULES = {type_name: module for module in (legacy, kquants) for type_name in module.FORMATS}
+# type name -> (values, bytes) per block, for every block type this package edits.
+FORMATS = {type_name: module.FORMATS[type_name] for type_name, module in _MODULES.items()}
+
+__all__ = ["FORMATS", "LAYOUTS", "dequantize", "orthogonalize_", "quantize"]
+
+
+def _module(type_name: str):
+    if type_name not in _MODULES:
+        raise ValueError(f"type_name must be one of {', '.join(_MODULES)}, got {type_name!r}")
+    return _MODULES[type_name]
+
+
+def dequantize(blocks: torch.Tensor, type_name: str) -> torch.Tensor:
+    """uint8 blocks [rows, bytes_per_row] of `type_name` -> fp32 [rows, row_length]."""
+    return _module(type_name).dequantize(blocks, type_name)
+
+
+def quantize(values: torch.Tensor, type_name: str) -> torch.Tensor:
+    """fp32 [rows, row_length] -> uint8 blocks of `type_name`, as llama.cpp's reference quantizer."""
+    return _module(type_name).quantize(values, type_name)
+
+
+def orthogonalize_(
+    blocks: torch.Tensor, type_name: str, direction: torch.Tensor, scale: float = 1.0, layout: str = "matrix"
+) -> torch.Tensor:
+    """Orthogonalize a GGUF tensor's blocks against `direction` in place, in their own type.
+
+    blocks: uint8 [rows, bytes_per_row], a tensor's rows as GGUF stores them.
+    layout "matrix": the rows are the d_model outputs of a linear weight W [out, in],
+        W <- W - scale d (d^T W), direction of length rows;
+    layout "rows": each row is a d_model vector (token embeddings), v <- v - scale (v.d) d,
+        direction of length row_length.
+    Every block is requantized with a fresh scale (and min). Bad arguments raise
+    ValueError/TypeError naming the argument before anything is written. Returns blocks.
+    """
+    _module(type_name).orthogonalize_reference_(blocks, type_name, direction, scale, layout)
+    return blocks
