@@ -229,6 +229,21 @@ def evaluate_sets(model, tokenizer, sets, args, baseline=None):
     )
 
 
+def output_format(args, spec: str) -> str:
+    """ "gguf" or "hf": --format, where "auto" writes a GGUF for a .gguf model in weights mode.
+    UsageError for a GGUF output the model or the mode cannot give."""
+    is_gguf = spec.endswith(".gguf")
+    if args.format == "auto":
+        return "gguf" if is_gguf and args.mode == "weights" else "hf"
+    if args.format == "gguf" and not (is_gguf and args.mode == "weights"):
+        raise UsageError(
+            "--format gguf edits the .gguf file the model was loaded from: pass a .gguf --model and --mode weights"
+        )
+    if args.gguf_requant and args.format != "gguf":
+        raise UsageError("--gguf-requant applies to a GGUF output: pass --format gguf")
+    return args.format
+
+
 def load_trial(spec: str, args):
     """The SearchTrial named by --trial DIR_OR_FILE:N, checked before the model loads."""
     from .pipeline.abliterate import SearchTrial
@@ -263,6 +278,7 @@ def cmd_abliterate(args) -> int:
 
     spec = resolve_model(args.model)
     out = check_out_dir(args.out, spec, args.overwrite)
+    output_format(args, spec)
     trial = load_trial(args.trial, args) if args.trial else None
     sets = prompt_sets(args)
     spec, model, tokenizer, load_seconds = load(args)
@@ -280,7 +296,11 @@ def cmd_abliterate(args) -> int:
     report = abliterate(model, tokenizer, sets, options, direction=direction, trial=trial, source=spec)
     report.timings = {"load": load_seconds, **report.timings}
     stopwatch = Stopwatch()
-    if args.mode == "weights":
+    if output_format(args, spec) == "gguf":
+        with hf.saving.atomic_directory(out, args.overwrite, protected=[]) as directory:
+            report.write_gguf(spec, directory / Path(spec).name, requant=args.gguf_requant)
+            report.save(directory)
+    elif args.mode == "weights":
         metadata = report.checkpoint_metadata()
         hf.save_abliterated(model, tokenizer, out, metadata=metadata, overwrite=args.overwrite, extra=report.save)
     else:  # hooks are not part of a checkpoint: the direction and the report only
@@ -477,6 +497,18 @@ def _abliterate_command(p: argparse.ArgumentParser) -> None:
         "--trial",
         metavar="DIR_OR_FILE:N",
         help="apply trial N of a `search` output (its direction, schedule and norm preservation) instead",
+    )
+    p.add_argument(
+        "--format",
+        choices=("auto", "gguf", "hf"),
+        default="auto",
+        help="what weights mode writes: gguf, OUT/<model>.gguf edited in its own quantization (the default for "
+        "a .gguf model), or hf, a safetensors directory (the default otherwise)",
+    )
+    p.add_argument(
+        "--gguf-requant",
+        metavar="TYPE",
+        help="re-encode residual writers whose GGML type has no edit (I-quants, TQ, MXFP4, Q2_K, Q3_K) as TYPE, e.g. Q8_0",
     )
     p.add_argument("--overwrite", action="store_true")
 

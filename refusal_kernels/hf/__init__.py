@@ -8,12 +8,14 @@
   Schedule, Peak                   a scale per layer for attention and MLP writers (scale=)
   StructureSpec, set_structure     name the layers and writers of a model nothing can read
   load_model / save_abliterated / orthogonalize_checkpoint   loading, saving, streaming
+  orthogonalize_gguf               a GGUF file's writers, edited in their own GGML types
 
 Only this package knows transformers module names; the structure detection is in `families`.
 """
 
 from .checkpoint import orthogonalize_checkpoint
 from .families import ModelStructure, StructureError, StructureSpec, describe_model, set_structure
+from .gguf import GGUFEdit, orthogonalize_gguf
 from .hooks import PatchHandle, add_direction, model_shape, patch
 from .loading import load_model
 from .saving import save_abliterated
@@ -23,6 +25,7 @@ from .weights import ChangedTensor, OrthogonalizationRecord, check_structure, or
 
 __all__ = [
     "ChangedTensor",
+    "GGUFEdit",
     "ModelStructure",
     "OrthogonalizationRecord",
     "PatchHandle",
@@ -37,6 +40,7 @@ __all__ = [
     "load_model",
     "model_shape",
     "orthogonalize_checkpoint",
+    "orthogonalize_gguf",
     "orthogonalize_model_",
     "patch",
     "save_abliterated",

@@ -21,7 +21,7 @@ from .evaluate import Evaluation, evaluate
 from .options import AbliterationOptions
 from .prompts import PromptSets
 from .report import DirectionResult, atomic_write, markdown_report
-from .search import SearchResult
+from .search import SearchResult, trial_schedule
 from .timing import Stopwatch
 
 
@@ -90,6 +90,39 @@ class AbliterationReport:
         if self.trial is not None:
             metadata["trial"] = self.trial_summary()
         return metadata
+
+    def write_gguf(self, src: str | os.PathLike, dst: str | os.PathLike, requant: str | None = None) -> hf.GGUFEdit:
+        """The same edit, made to the GGUF file the model was loaded from: `hf.orthogonalize_gguf`
+        with this report's direction and scale, or its trial's direction and schedule (which
+        leave the embeddings alone). A norm-preserving trial raises ValueError: the GGUF edit
+        has no norm-preserving form."""
+        if self.trial is None:
+            direction = self.direction
+            return hf.orthogonalize_gguf(
+                src,
+                dst,
+                direction.direction,
+                scale=self.scale,
+                layer=direction.layer,
+                position=direction.position,
+                requant=requant,
+            )
+        params = self.trial.search.trial(self.trial.number).params
+        if params.norm_preserving:
+            raise ValueError(
+                f"trial {self.trial.number} is norm-preserving, which the GGUF edit cannot do; "
+                "write it with --format hf"
+            )
+        search = self.trial.search
+        return hf.orthogonalize_gguf(
+            src,
+            dst,
+            search.direction(self.trial.number),
+            scale=trial_schedule(params, search.n_layers),
+            include_embeddings=False,
+            position=search.position,
+            requant=requant,
+        )
 
     def save(self, out_dir: str | os.PathLike) -> Path:
         """direction.pt, direction.json, heatmaps.png, report.json and report.md into out_dir."""

@@ -291,6 +291,11 @@ def trial_direction(params: TrialParams, harmful: torch.Tensor, harmless: torch.
     return variants.biprojected(direction, harmless) if params.projected else direction
 
 
+def trial_schedule(params: TrialParams, n_layers: int) -> Schedule:
+    """A trial's per-layer scales: its attention and MLP Peaks, and the embeddings left alone."""
+    return Schedule.peaked(n_layers, attention=params.attention, mlp=params.mlp)
+
+
 def apply_trial(
     model: nn.Module, params: TrialParams, means: dict[str, torch.Tensor], *, undo: bool = False, verify: bool = True
 ) -> hf.OrthogonalizationRecord:
@@ -309,12 +314,10 @@ def apply_trial(
         The OrthogonalizationRecord of `hf.orthogonalize_model_`.
     """
     direction = trial_direction(params, means["harmful"], means["harmless"])
-    n_layers = means["harmful"].shape[0]
-    schedule = Schedule.peaked(n_layers, attention=params.attention, mlp=params.mlp)
     return hf.orthogonalize_model_(
         model,
         direction,
-        scale=schedule,
+        scale=trial_schedule(params, means["harmful"].shape[0]),
         include_embeddings=False,
         norm_preserving=params.norm_preserving,
         undo=undo,

@@ -1,0 +1,335 @@
+"""Weight orthogonalization of a GGUF file, in its own quantization, for llama.cpp and Ollama.
+
+`orthogonalize_gguf(src, dst, direction)` writes a copy of a GGUF file whose residual-stream
+writers have no component along the direction, tensor by tensor from the memory-mapped
+source (see `refusal_kernels.quant.gguf.container`):
+
+  token_embd, position_embd          each row v <- v - s (v.d) d   (layout "rows")
+  blk.N.attn_output, blk.N.ffn_down,  W <- W - s d (d^T W)           (layout "matrix"; the
+  ffn_down_exps (per expert), ffn_down_shexp                        experts one at a time)
+  their biases                       b <- b - s (b.d) d
+
+Each is edited in its own GGML type: F32, F16 and BF16 by the dense ops, the block formats by
+`refusal_kernels.quant.gguf.orthogonalize_`, which requantizes every block with fresh scales.
+Every other tensor, the metadata and the order are kept; keys under `refusal_kernels.` record
+the edit. A file whose head is tied to token_embd (no output.weight) gets the original
+token_embd as output.weight, so the unembedding is unchanged; architectures whose llama.cpp
+loader takes no separate output.weight refuse to edit the embeddings instead.
+
+The direction is one found on the model transformers loads from the same GGUF: its residual
+stream has the same coordinates, since transformers only permutes attn_q and attn_k.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import gguf
+import numpy as np
+import torch
+
+from .. import ops
+from .._version import __version__
+from ..quant import gguf as blocks
+from ..quant.gguf import container
+from . import families
+from .schedule import Schedule, check_scale_or_schedule
+
+# GGUF architectures whose residual writers are exactly the tensors of WRITER_NAME, mapped to
+# (whether llama.cpp takes an output.weight beside token_embd, the post-sublayer norms
+# (attention, MLP) whose output is added to the residual, or None).
+ARCHITECTURES: dict[str, tuple[bool, tuple[str, str] | None]] = {
+    "llama": (True, None),
+    "mistral": (True, None),
+    "qwen2": (True, None),
+    "qwen2moe": (True, None),
+    "qwen3": (True, None),
+    "qwen3moe": (True, None),
+    "phi3": (True, None),
+    "stablelm": (True, None),
+    "starcoder2": (True, None),
+    "gemma2": (False, ("post_attention_norm", "post_ffw_norm")),
+    "gemma3": (False, ("post_attention_norm", "post_ffw_norm")),
+}
+WRITER_NAME = re.compile(
+    r"(?P<embedding>token_embd|position_embd)\.weight"
+    r"|blk\.(?P<layer>\d+)\.(?:(?P<attention>attn_output)|(?P<mlp>ffn_down(?:_exps|_shexp)?))\.(?P<kind>weight|bias)"
+)
+DENSE_TYPES = {
+    gguf.GGMLQuantizationType.F32: torch.float32,
+    gguf.GGMLQuantizationType.F16: torch.float16,
+    gguf.GGMLQuantizationType.BF16: torch.bfloat16,
+}
+KEY_PREFIX = "refusal_kernels."
+TIED_HEAD = "output.weight"
+
+
+@dataclass(frozen=True)
+class GGUFWriter:
+    """One residual writer of a GGUF file: its tensor, component (families.EMBEDDING,
+    ATTENTION or MLP), layer (None for embeddings) and layout ("matrix" or "rows")."""
+
+    tensor: container.TensorInfo
+    component: str
+    layer: int | None
+    layout: str
+
+
+@dataclass(frozen=True)
+class GGUFEdit:
+    """What `orthogonalize_gguf` wrote: the file, the tensors it changed (name -> GGML type
+    written), and whether it added output.weight for a tied head."""
+
+    path: Path
+    changed: dict[str, str]
+    untied_head: bool
+
+
+def _writer(tensor: container.TensorInfo) -> GGUFWriter | None:
+    match = WRITER_NAME.fullmatch(tensor.name)
+    if match is None:
+        return None
+    if match["embedding"]:
+        return GGUFWriter(tensor, families.EMBEDDING, None, "rows")
+    component = families.ATTENTION if match["attention"] else families.MLP
+    layout = "matrix" if match["kind"] == "weight" else "rows"
+    return GGUFWriter(tensor, component, int(match["layer"]), layout)
+
+
+def _architecture(source: container.GGUFFile) -> tuple[str, int, int]:
+    """(architecture, layers, d_model); StructureError unless its writers are known in GGUF terms."""
+    arch = source.metadata.get("general.architecture")
+    if arch not in ARCHITECTURES:
+        raise families.StructureError(
+            f"{source.path}: architecture {arch!r}: its residual writers cannot be named in GGUF terms here "
+            f"(known: {', '.join(ARCHITECTURES)}); load it with transformers and use orthogonalize_model_"
+        )
+    try:
+        return arch, int(source.metadata[f"{arch}.block_count"]), int(source.metadata[f"{arch}.embedding_length"])
+    except KeyError as missing:
+        raise container.GGUFFormatError(f"{source.path}: metadata key {missing} is missing") from None
+
+
+def _layer_directions(direction: torch.Tensor, n_layers: int, d_model: int) -> torch.Tensor:
+    """direction as fp32 [n_layers, d_model]: one per layer, or the same for every layer."""
+    if not isinstance(direction, torch.Tensor):
+        raise TypeError(f"direction must be a torch.Tensor, got {type(direction).__name__}")
+    if not direction.dtype.is_floating_point:
+        raise TypeError(f"direction must have a floating-point dtype, got {direction.dtype}")
+    if direction.shape not in ((d_model,), (n_layers, d_model)):
+        raise ValueError(
+            f"direction must have shape [{d_model}] (the file's embedding length) or [{n_layers}, {d_model}], "
+            f"got {tuple(direction.shape)}"
+        )
+    rows = direction.detach().float().cpu().reshape(-1, d_model).expand(n_layers, d_model)
+    norms = rows.norm(dim=-1)
+    if not bool((torch.isfinite(norms) & (norms > 0)).all()):
+        raise ValueError("direction must be finite and non-zero (in every row)")
+    return rows
+
+
+def _check_paths(src: Path, dst: Path) -> None:
+    if dst.resolve() == src.resolve() or (dst.exists() and dst.samefile(src)):
+        raise ValueError(f"dst {dst} is the source file: write the edited GGUF to another path")
+    if dst.is_dir():
+        raise ValueError(f"dst {dst} is a directory; name the .gguf file to write")
+    if not dst.parent.is_dir():
+        raise ValueError(f"dst's directory {dst.parent} does not exist")
+
+
+def _check_types(writers: list[GGUFWriter], requant: str | None) -> None:
+    """TypeError naming the first writer whose GGML type has no edit here (unless requant is set)."""
+    if requant is not None:
+        if requant not in blocks.FORMATS and requant not in {t.name for t in DENSE_TYPES}:
+            raise ValueError(f"requant must be one of {', '.join([*(t.name for t in DENSE_TYPES), *blocks.FORMATS])}")
+        return
+    for writer in writers:
+        type_ = writer.tensor.type
+        if type_ not in DENSE_TYPES and type_.name not in blocks.FORMATS:
+            raise TypeError(
+                f"tensor {writer.tensor.name} is {type_.name}, a type this edit cannot requantize; "
+                "pass requant (--gguf-requant TYPE) to re-encode such tensors in another type"
+            )
+
+
+def _gain(source: container.GGUFFile, name: str) -> torch.Tensor:
+    tensor = source.tensor(name)
+    if tensor is None or tensor.type != gguf.GGMLQuantizationType.F32:
+        raise container.GGUFFormatError(f"{source.path}: post-sublayer norm {name} is missing or not F32")
+    return torch.from_numpy(source.read_bytes(tensor).view(np.float32).reshape(-1).copy())
+
+
+def _target(source, writer: GGUFWriter, directions: torch.Tensor, post_norms) -> torch.Tensor:
+    """The unit fp32 direction a writer is orthogonalized against: its layer's (the first
+    layer's for embeddings), times the gain of the norm after it, if any."""
+    base = directions[0 if writer.layer is None else writer.layer]
+    gain = None
+    if post_norms is not None and writer.layer is not None:
+        norm = post_norms[0 if writer.component == families.ATTENTION else 1]
+        gain = _gain(source, f"blk.{writer.layer}.{norm}.weight")
+    return families.writer_direction(base, gain)
+
+
+def _edited_values(values: torch.Tensor, writer: GGUFWriter, direction: torch.Tensor, scale: float) -> None:
+    """The dense edit, in place, of a writer's values [rows, ne0] (experts stacked on the rows)."""
+    if writer.layout == "rows":
+        ops.ablate_(values, direction, scale)
+        return
+    d_model = direction.numel()
+    for expert in values.view(-1, d_model, values.shape[-1]):
+        ops.orthogonalize_(expert, direction, scale)
+
+
+def _edited_bytes(writer: GGUFWriter, data: np.ndarray, direction: torch.Tensor, scale: float, requant: str | None):
+    """The writer's new bytes [rows, bytes_per_row] and its GGML type name."""
+    type_ = writer.tensor.type
+    if type_ in DENSE_TYPES:
+        raw = torch.from_numpy(data)
+        _edited_values(raw.view(DENSE_TYPES[type_]), writer, direction, scale)
+        return raw.numpy(), type_.name
+    if type_.name in blocks.FORMATS:
+        raw = torch.from_numpy(data)
+        d_model = direction.numel() if writer.layout == "matrix" else raw.shape[0]
+        for part in raw.view(-1, d_model, raw.shape[-1]):
+            blocks.orthogonalize_(part, type_.name, direction, scale, writer.layout)
+        return raw.numpy(), type_.name
+    values = torch.from_numpy(np.ascontiguousarray(gguf.quants.dequantize(data, type_), dtype=np.float32))
+    values = values.reshape(writer.tensor.rows, -1)
+    _edited_values(values, writer, direction, scale)
+    if requant in blocks.FORMATS:
+        return blocks.quantize(values, requant).numpy(), requant
+    dense = next(t for t in DENSE_TYPES if t.name == requant)
+    return values.to(DENSE_TYPES[dense]).view(torch.uint8).numpy(), requant
+
+
+def _edit_record(
+    scale: float | Schedule, layer: int | None, position: int | None, include_embeddings: bool
+) -> dict[str, object]:
+    record: dict[str, object] = {
+        "version": __version__,
+        "method": "weight orthogonalization",
+        "include_embeddings": include_embeddings,
+    }
+    if isinstance(scale, Schedule):
+        record |= {
+            "schedule.attention": list(scale.attention),
+            "schedule.mlp": list(scale.mlp),
+            "schedule.embeddings": scale.embeddings,
+        }
+    else:
+        record["scale"] = float(scale)
+    if layer is not None:
+        record["direction.layer"] = int(layer)
+    if position is not None:
+        record["direction.position"] = int(position)
+    return {KEY_PREFIX + key: value for key, value in record.items()}
+
+
+def _plan(source, directions, scale, include_embeddings, layers, untie_ok) -> list[GGUFWriter]:
+    """The writers to edit: scale not 0, in the selected layers, embeddings if asked."""
+    writers = [w for w in map(_writer, source.tensors) if w is not None]
+    schedule = scale if isinstance(scale, Schedule) else Schedule.constant(directions.shape[0], scale)
+    selected = set(range(directions.shape[0]) if layers is None else layers)
+    bad = sorted(i for i in selected if not 0 <= i < directions.shape[0])
+    if bad:
+        raise ValueError(f"layers holds {bad}, outside [0, {directions.shape[0]})")
+    chosen = [
+        w
+        for w in writers
+        if schedule.scale_of(w) != 0 and (w.layer in selected if w.layer is not None else include_embeddings)
+    ]
+    tied = source.tensor(TIED_HEAD) is None
+    if tied and not untie_ok and any(w.component == families.EMBEDDING for w in chosen):
+        raise families.StructureError(
+            f"{source.path}: its head is tied to token_embd and llama.cpp's loader for this architecture takes "
+            "no separate output.weight, so editing the embeddings would change the unembedding; "
+            "pass include_embeddings=False"
+        )
+    return chosen
+
+
+def orthogonalize_gguf(
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    direction: torch.Tensor,
+    *,
+    scale: float | Schedule = 1.0,
+    include_embeddings: bool = True,
+    layers: Sequence[int] | None = None,
+    layer: int | None = None,
+    position: int | None = None,
+    requant: str | None = None,
+) -> GGUFEdit:
+    """Write `dst`, a copy of the GGUF file `src` with every residual writer orthogonalized
+    against `direction`, each in its own GGML type (see the module docstring).
+
+    Args:
+        src: a GGUF file of one of ARCHITECTURES; only read.
+        dst: the GGUF file to write (not src); written to a temporary file beside it and
+            renamed at the end, so an error or Ctrl-C leaves no partial file.
+        direction: [d_model], or one per layer [n_layers, d_model] (the embeddings use the
+            first layer's), as found on the model transformers loads from src.
+        scale: 1 removes the component; a Schedule gives each layer's attention and MLP
+            writers, and the embeddings, their own scale (0 leaves them byte for byte).
+        include_embeddings: also edit token_embd (and position_embd). A tied head (no
+            output.weight) is untied: the original token_embd is written as output.weight.
+        layers: only the writers of these layers.
+        layer, position: where the direction was found, recorded in the metadata.
+        requant: the GGML type (e.g. "Q8_0") to re-encode writers whose type has no edit
+            here (I-quants, TQ, MXFP4, Q2_K, Q3_K), with a warning naming them; without it
+            such a writer raises TypeError naming the tensor and its type.
+
+    Returns:
+        A GGUFEdit: the path written, the tensors changed and whether the head was untied.
+
+    Bad arguments and bad files raise ValueError (GGUFFormatError for a file that is not a
+    GGUF this reader can edit, StructureError for an architecture it cannot name) or TypeError
+    before anything is written.
+    """
+    src, dst = Path(src), Path(dst)
+    _check_paths(src, dst)
+    source = container.read(src)
+    arch, n_layers, d_model = _architecture(source)
+    untie_ok, post_norms = ARCHITECTURES[arch]
+    directions = _layer_directions(direction, n_layers, d_model)
+    scale = check_scale_or_schedule(scale, n_layers)
+    writers = _plan(source, directions, scale, include_embeddings, layers, untie_ok)
+    _check_types(writers, requant)
+    targets = {w.tensor.name: _target(source, w, directions, post_norms) for w in writers}
+    schedule = scale if isinstance(scale, Schedule) else Schedule.constant(n_layers, scale)
+    by_name = {w.tensor.name: w for w in writers}
+    changed: dict[str, str] = {}
+    requantized = [w.tensor.name for w in writers if _needs_requant(w)]
+    if requantized:
+        warnings.warn(f"re-encoding {', '.join(requantized)} as {requant}: their types have no edit", stacklevel=2)
+    outputs = [_output(source, t, by_name.get(t.name), targets, schedule, requant, changed) for t in source.tensors]
+    embedding = source.tensor("token_embd.weight")
+    untie = source.tensor(TIED_HEAD) is None and embedding is not None and embedding.name in by_name
+    if untie:
+        outputs.append(container.OutputTensor(TIED_HEAD, embedding.type, embedding.shape, source=embedding))
+    container.write(source, dst, outputs, _edit_record(scale, layer, position, include_embeddings))
+    return GGUFEdit(dst, changed, untie)
+
+
+def _needs_requant(writer: GGUFWriter) -> bool:
+    return writer.tensor.type not in DENSE_TYPES and writer.tensor.type.name not in blocks.FORMATS
+
+
+def _output(source, tensor, writer, targets, schedule, requant, changed) -> container.OutputTensor:
+    """A source tensor as written: its bytes copied, or (a writer) edited when written."""
+    if writer is None:
+        return container.OutputTensor(tensor.name, tensor.type, tensor.shape, source=tensor)
+    type_ = gguf.GGMLQuantizationType[requant] if _needs_requant(writer) else tensor.type
+    changed[tensor.name] = type_.name
+
+    def make() -> np.ndarray:
+        data = source.read_bytes(tensor)
+        edited, _ = _edited_bytes(writer, data, targets[tensor.name], schedule.scale_of(writer), requant)
+        return edited
+
+    return container.OutputTensor(tensor.name, type_, tensor.shape, make=make)
