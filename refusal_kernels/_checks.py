@@ -327,3 +327,53 @@ def check_nf4(
         _check_storage(nested_code, "nested_code", (torch.float32,), packed)
         _check_shape(nested_code, "nested_code", (256,), "the 8-bit levels")
     return out_features, numel // out_features
+
+
+# ---- GGUF blocks (mirror csrc/gguf_checks.h)
+
+# "matrix": the rows are the d_model outputs of a linear weight [out][in] (GGUF's order);
+# "rows": each row is a d_model vector (token embeddings).
+GGUF_LAYOUTS = ("matrix", "rows")
+
+
+def check_gguf_blocks(blocks: torch.Tensor, type_name: str, values_per_block: int, bytes_per_block: int) -> int:
+    """Checks a [rows, bytes_per_row] uint8 tensor of `type_name` blocks; returns the row length in values."""
+    check_dtype(blocks, "blocks", (torch.uint8,))
+    if blocks.dim() != 2:
+        raise ValueError(f"blocks must be 2-D [rows, bytes_per_row], got shape {tuple(blocks.shape)}")
+    check_contiguous(blocks, "blocks")
+    if blocks.shape[1] % bytes_per_block:
+        raise ValueError(
+            f"blocks has {blocks.shape[1]} bytes per row, not a multiple of {type_name}'s {bytes_per_block} "
+            "bytes per block"
+        )
+    return blocks.shape[1] // bytes_per_block * values_per_block
+
+
+def check_gguf(
+    blocks: torch.Tensor,
+    direction: torch.Tensor,
+    scale: float,
+    layout: str,
+    type_name: str,
+    values_per_block: int,
+    bytes_per_block: int,
+) -> int:
+    """The metadata of refusal::orthogonalize_<type>; returns the row length in values."""
+    row_length = check_gguf_blocks(blocks, type_name, values_per_block, bytes_per_block)
+    check_gguf_arguments(blocks, row_length, direction, scale, layout)
+    return row_length
+
+
+def check_gguf_arguments(
+    blocks: torch.Tensor, row_length: int, direction: torch.Tensor, scale: float, layout: str
+) -> None:
+    """The arguments of refusal::orthogonalize_<type> but the blocks, whose rows hold row_length values."""
+    if layout not in GGUF_LAYOUTS:
+        raise ValueError(f"layout must be 'matrix' or 'rows', got {layout!r}")
+    if layout == "matrix":
+        check_vector(direction, "direction", blocks.shape[0], "the rows of blocks (d_model)")
+    else:
+        check_vector(direction, "direction", row_length, "the row length of blocks (d_model)")
+    check_same_device(direction, "direction", blocks, "blocks")
+    check_scale(scale)

@@ -11,11 +11,15 @@ from __future__ import annotations
 import torch
 
 from . import _C, _checks  # noqa: F401  (_C registers the schemas and the C++ kernels)
+from .quant.gguf import FORMATS as GGUF_FORMATS
 
 FLOAT_OPS = ("ablate", "ablate_indexed", "orthogonalize", "orthogonalize_norm_preserving")
 QUANT_FORMATS = ("int8", "gptq", "awq", "fp8", "nf4")
-# Every in-place op: each has a kernel per device, a fake kernel and a reference fallback.
-OPS = FLOAT_OPS + tuple(f"orthogonalize_{fmt}" for fmt in QUANT_FORMATS)
+# One op per GGUF block type, on a tensor's blocks: a CPU kernel, no CUDA or Triton one (CUDA
+# tensors run the reference fallback).
+GGUF_OPS = tuple(f"orthogonalize_{type_name.lower()}" for type_name in GGUF_FORMATS)
+# Every in-place op: each has a CPU kernel, a fake kernel and a reference fallback.
+OPS = FLOAT_OPS + tuple(f"orthogonalize_{fmt}" for fmt in QUANT_FORMATS) + GGUF_OPS
 
 
 def has_kernel(op: str, dispatch_key: str) -> bool:
@@ -80,6 +84,19 @@ def _(
     _checks.check_nf4(
         packed, absmax, code, direction, blocksize, nested_absmax, nested_offset, nested_code, nested_blocksize, scale
     )
+
+
+def _register_gguf_fake(type_name: str) -> None:
+    values_per_block, bytes_per_block = GGUF_FORMATS[type_name]
+
+    def fake(blocks, direction, scale=1.0, layout="matrix"):
+        _checks.check_gguf(blocks, direction, scale, layout, type_name, values_per_block, bytes_per_block)
+
+    torch.library.register_fake(f"refusal::orthogonalize_{type_name.lower()}", fake)
+
+
+for _type_name in GGUF_FORMATS:
+    _register_gguf_fake(_type_name)
 
 
 @torch.library.register_fake("refusal::ablated")

@@ -12,14 +12,19 @@ fails the test too. Values come from a seeded CPU generator, so every device see
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import gguf as gguf_py
+import numpy as np
 import torch
 from tolerances import assert_close
 
 import refusal_kernels as rk
 from refusal_kernels import reference
+from refusal_kernels.quant import gguf
+from refusal_kernels.quant.gguf import kquants, legacy
 
 REFERENCES = {
     "ablate": reference.ablate,
@@ -47,6 +52,8 @@ class Sample:
     view_of: Callable[[torch.Tensor], torch.Tensor] = _whole
     # Sizes that exercise a GPU kernel's tiling are too slow for the Triton interpreter.
     interpret: bool = True
+    # The buffer from (target_shape, generator, dtype); None: standard normal values in dtype.
+    build_buffer: Callable[[tuple[int, ...], torch.Generator, torch.dtype], torch.Tensor] | None = None
 
     def __str__(self) -> str:
         return f"{self.op}-{self.name}"
@@ -67,11 +74,21 @@ class SampleInputs:
 
 def make(sample: Sample, device: str, dtype: torch.dtype, seed: int = 0) -> SampleInputs:
     generator = torch.Generator().manual_seed(seed)
-    buffer = torch.randn(sample.target_shape, generator=generator).to(dtype)
+    if sample.build_buffer is None:
+        buffer = torch.randn(sample.target_shape, generator=generator).to(dtype)
+    else:
+        buffer = sample.build_buffer(sample.target_shape, generator, dtype)
     rest = sample.build_rest(sample.view_of(buffer), generator)
     to_device = tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in rest)
     buffer = buffer.to(device)
     return SampleInputs(buffer, (sample.view_of(buffer), *to_device), sample.view_of)
+
+
+def api(op: str) -> Callable[..., torch.Tensor]:
+    """The public in-place function of refusal::<op>, called with the op's own arguments."""
+    if op in GGUF_TYPES:
+        return functools.partial(_gguf_api, GGUF_TYPES[op])
+    return getattr(rk, f"{op}_")
 
 
 def run(backend: str, op: str, *args, **kwargs) -> None:
@@ -83,7 +100,16 @@ def run(backend: str, op: str, *args, **kwargs) -> None:
 
         getattr(triton, f"{op}_")(*args, **kwargs)
     else:
-        getattr(rk, f"{op}_")(*args, **kwargs)
+        api(op)(*args, **kwargs)
+
+
+def assert_buffer_close(op: str, actual: torch.Tensor, expected: torch.Tensor) -> None:
+    """A result against the reference's: within the dtype's tolerance; GGUF blocks dequantized, see
+    `assert_gguf_close`."""
+    if op in GGUF_TYPES:
+        assert_gguf_close(actual, expected, GGUF_TYPES[op])
+    else:
+        assert_close(actual, expected)
 
 
 def check(backend: str, sample: Sample, device: str, dtype: torch.dtype) -> None:
@@ -91,7 +117,7 @@ def check(backend: str, sample: Sample, device: str, dtype: torch.dtype) -> None
     inputs = make(sample, device, dtype)
     expected = inputs.expected_buffer(sample.op)
     run(backend, sample.op, *inputs.args)
-    assert_close(inputs.buffer, expected)
+    assert_buffer_close(sample.op, inputs.buffer, expected)
 
 
 def _direction(scale: float = 1.0, dtype: torch.dtype = torch.float32):
@@ -243,4 +269,123 @@ LARGE = [
         for name, shape in (("4096x1000", (4096, 1000)), ("experts-8x512x1111", (8, 512, 1111)))
     ),
 ]
-SAMPLES = ABLATE + ABLATE_INDEXED + ORTHOGONALIZE + NORM_PRESERVING + LARGE
+
+
+# ---- GGUF blocks: uint8 targets [rows, bytes_per_row], quantized by the reference from values in
+# the sample's dtype. The fused kernel sums c = d^T W (or v . d) in another order than the
+# reference, so a block whose requantization sits on a tie may land on the other side of it:
+# results are compared dequantized, within one quantization step of each value's (sub-)block
+# (tests/test_quant_gguf_*.py measure how many blocks are byte-identical).
+
+GGUF_TYPES = {f"orthogonalize_{type_name.lower()}": type_name for type_name in gguf.FORMATS}
+
+
+def _gguf_module(type_name: str):
+    return legacy if type_name in legacy.FORMATS else kquants
+
+
+def _gguf_api(type_name: str, blocks: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    return gguf.orthogonalize_(blocks, type_name, *args, **kwargs)
+
+
+def _gguf_reference(type_name: str):
+    def orthogonalized(blocks, direction, scale=1.0, layout="matrix"):
+        out = blocks.clone()
+        _gguf_module(type_name).orthogonalize_reference_(out, type_name, direction, scale, layout)
+        return out
+
+    return orthogonalized
+
+
+REFERENCES.update({op: _gguf_reference(type_name) for op, type_name in GGUF_TYPES.items()})
+
+
+def _fp16_field(superblocks: np.ndarray, offset: int) -> np.ndarray:
+    return superblocks[:, offset : offset + 2].copy().view(np.float16).astype(np.float64)
+
+
+def gguf_steps(blocks: torch.Tensor, type_name: str) -> torch.Tensor:
+    """fp64 [rows, row_length]: the spacing of the levels of each value's block (legacy: |d|) or
+    sub-block (K-quants: |d * sc|), read from the bytes (with gguf-py for the 6-bit scales)."""
+    values_per_block, bytes_per_block = gguf.FORMATS[type_name]
+    grouped = blocks.cpu().numpy().reshape(-1, bytes_per_block)
+    if type_name in legacy.FORMATS:
+        spacing, per_value = np.abs(_fp16_field(grouped, 0)), values_per_block
+    elif type_name == "Q6_K":
+        spacing, per_value = np.abs(_fp16_field(grouped, 208) * grouped[:, 192:208].view(np.int8)), 16
+    else:
+        scales, _ = gguf_py.quants.Q4_K.get_scale_min(grouped[:, 4:16])
+        spacing, per_value = np.abs(_fp16_field(grouped, 0) * scales.reshape(-1, 8)), 32
+    row_length = blocks.shape[1] // bytes_per_block * values_per_block
+    return torch.from_numpy(np.repeat(spacing, per_value, axis=1)).reshape(blocks.shape[0], row_length)
+
+
+def assert_gguf_close(actual: torch.Tensor, expected: torch.Tensor, type_name: str) -> None:
+    """Both blocks [rows, bytes_per_row] of type_name, dequantized, within one step of each value's
+    (sub-)block: the larger of the two results' steps."""
+    assert actual.dtype == expected.dtype == torch.uint8 and actual.shape == expected.shape
+    difference = (gguf.dequantize(actual.cpu(), type_name) - gguf.dequantize(expected.cpu(), type_name)).abs()
+    step = torch.maximum(gguf_steps(actual, type_name), gguf_steps(expected, type_name))
+    assert bool((difference.double() <= step).all()), f"{type_name}: off by {(difference - step).max()} past a step"
+
+
+# At least this fraction of the blocks the fused kernel writes must be byte-identical to the
+# reference's, per layout. "matrix": c = d^T W is summed down the rows in order, as torch's d @ W
+# is here (all blocks measured identical). "rows": v . d differs from torch's W @ d by an ulp in
+# most rows (torch's own differs between the whole matrix and one row at a time), which moves
+# every value of the row a little; measured 0.983 (Q5_K) to 1.0 of the blocks identical.
+IDENTICAL_BLOCKS = {"matrix": 0.99, "rows": 0.98}
+
+
+def identical_block_fraction(actual: torch.Tensor, expected: torch.Tensor, type_name: str) -> float:
+    """The fraction of (super-)blocks whose bytes are the same in both."""
+    bytes_per_block = gguf.FORMATS[type_name][1]
+    same = (actual.reshape(-1, bytes_per_block) == expected.reshape(-1, bytes_per_block)).all(dim=1)
+    return same.double().mean().item()
+
+
+def _gguf_blocks(type_name: str):
+    def build(shape: tuple[int, ...], generator: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
+        return gguf.quantize(torch.randn(shape, generator=generator).to(dtype).float(), type_name)
+
+    return build
+
+
+def _gguf_direction(type_name: str, layout: str, scale: float, dtype: torch.dtype):
+    values_per_block, bytes_per_block = gguf.FORMATS[type_name]
+
+    def rest(blocks: torch.Tensor, generator: torch.Generator) -> tuple:
+        length = blocks.shape[0] if layout == "matrix" else blocks.shape[1] // bytes_per_block * values_per_block
+        return torch.randn(length, generator=generator).to(dtype), scale, layout
+
+    return rest
+
+
+# (name, rows, blocks per row, layout, scale, direction dtype). Rows: one, a few and 33 (the CPU
+# kernel splits "matrix" over block columns and "rows" over rows); one block per row, three, and
+# many (129 legacy blocks, 17 super-blocks: past any per-block fast path).
+GGUF_CASES = [
+    ("matrix-1x1", 1, 1, "matrix", 1.0, torch.float32),
+    ("matrix-7x3", 7, 3, "matrix", 0.5, torch.float32),
+    ("matrix-33xmany", 33, None, "matrix", 2.0, torch.float32),
+    ("rows-1x1", 1, 1, "rows", 1.0, torch.float32),
+    ("rows-7x3", 7, 3, "rows", 1.0, torch.float32),
+    ("rows-33xmany", 33, None, "rows", 0.5, torch.float32),
+    ("matrix-7x3-f16-direction", 7, 3, "matrix", 1.0, torch.float16),
+    ("matrix-7x3-f64-direction", 7, 3, "matrix", 1.0, torch.float64),
+    ("rows-7x3-bf16-direction", 7, 3, "rows", 1.0, torch.bfloat16),
+    ("rows-empty", 0, 3, "rows", 1.0, torch.float32),
+]
+GGUF = [
+    Sample(
+        op,
+        name,
+        (rows, (blocks or (17 if type_name in kquants.FORMATS else 129)) * gguf.FORMATS[type_name][0]),
+        _gguf_direction(type_name, layout, scale, dtype),
+        interpret=False,  # no Triton kernel
+        build_buffer=_gguf_blocks(type_name),
+    )
+    for op, type_name in GGUF_TYPES.items()
+    for name, rows, blocks, layout, scale, dtype in GGUF_CASES
+]
+SAMPLES = ABLATE + ABLATE_INDEXED + ORTHOGONALIZE + NORM_PRESERVING + LARGE + GGUF

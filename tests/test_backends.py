@@ -14,6 +14,8 @@ import torch
 
 import refusal_kernels as rk
 from refusal_kernels import _ops, backends, reference
+from refusal_kernels.quant import gguf
+from refusal_kernels.quant.gguf import kquants, legacy
 
 CUDA_KEY = torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)
 
@@ -79,6 +81,28 @@ def test_choosing_cuda_without_cuda_kernels_fails_at_the_first_call():
     rk.set_backend("cuda")
     with pytest.raises(RuntimeError, match="no CUDA kernels"):
         _cuda_kernel_ablates_cpu_tensors()
+
+
+def _backends_here() -> list[str]:
+    has_triton = torch.version.cuda is not None and importlib.util.find_spec("triton") is not None
+    return ["torch"] + (["triton"] if has_triton else []) + (["cuda"] if backends.has_cuda_kernels() else [])
+
+
+@pytest.mark.usefixtures("restore_backend")
+@pytest.mark.parametrize("backend", _backends_here())
+def test_gguf_ops_run_the_reference_for_cuda_tensors_under_every_backend(backend):
+    # No CUDA or Triton kernel: the CUDA entry of each GGUF op is the reference (set_backend's
+    # provider, or else the CompositeExplicitAutograd fallback), which runs on CPU tensors too.
+    rk.set_backend(backend)
+    generator = torch.Generator().manual_seed(0)
+    for op, type_name in zip(_ops.GGUF_OPS, gguf.FORMATS, strict=True):
+        blocks = gguf.quantize(torch.randn(6, 2 * gguf.FORMATS[type_name][0], generator=generator), type_name)
+        direction = torch.randn(6, generator=generator)
+        expected = blocks.clone()
+        module = legacy if type_name in legacy.FORMATS else kquants
+        module.orthogonalize_reference_(expected, type_name, direction, 0.5)
+        getattr(torch.ops.refusal, op).default.redispatch(CUDA_KEY, blocks, direction, 0.5, "matrix")
+        assert torch.equal(blocks, expected), op
 
 
 def test_an_unknown_backend_is_a_value_error_and_changes_nothing():

@@ -11,8 +11,8 @@ import torch
 
 from refusal_kernels import _ops, backends
 
-# AWQ and NF4 storage on CUDA run the reference fallback: no CUDA kernel was written for them.
-WITHOUT_CUDA_KERNEL = ("orthogonalize_awq", "orthogonalize_nf4")
+# AWQ, NF4 and GGUF storage on CUDA run the reference fallback: no CUDA kernel was written for them.
+WITHOUT_CUDA_KERNEL = ("orthogonalize_awq", "orthogonalize_nf4", *_ops.GGUF_OPS)
 
 
 def test_every_op_has_a_cuda_kernel():
@@ -24,3 +24,6 @@ def test_every_op_has_a_cuda_kernel():
     missing = [op for op in _ops.OPS if op not in WITHOUT_CUDA_KERNEL and not _ops.has_kernel(op, "CUDA")]
     assert not missing, f"no CUDA kernel registered for {missing}"
     assert all(_ops.has_kernel(op, "CompositeExplicitAutograd") for op in WITHOUT_CUDA_KERNEL)
+    if backends.get_backend() == "cuda":  # no Python provider registered over the CUDA entries
+        extra = [op for op in WITHOUT_CUDA_KERNEL if _ops.has_kernel(op, "CUDA")]
+        assert not extra, f"a CUDA kernel is registered for {extra}, which have none"

@@ -5,9 +5,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from op_samples import REFERENCES, run
+from op_samples import GGUF_TYPES, REFERENCES, api, run
 
 import refusal_kernels as rk
+from refusal_kernels.quant import gguf
 
 D = 8
 
@@ -233,17 +234,98 @@ CASES["orthogonalize_norm_preserving: unknown axis"] = (
 )
 
 
+# GGUF blocks: GGUF_ROWS rows of two blocks each.
+GGUF_ROWS = 4
+
+
+def _gguf_blocks(type_name: str, magnitude: float = 1.0) -> torch.Tensor:
+    values = torch.randn(GGUF_ROWS, 2 * gguf.FORMATS[type_name][0], generator=torch.Generator().manual_seed(0))
+    return gguf.quantize(magnitude * values, type_name)
+
+
+def _with_infinite_scale(type_name: str) -> torch.Tensor:
+    blocks = _gguf_blocks(type_name)
+    offset = 208 if type_name == "Q6_K" else 0  # the fp16 d of the first block
+    blocks[1, offset : offset + 2] = torch.tensor([float("inf")], dtype=torch.float16).view(torch.uint8)
+    return blocks
+
+
+def _gguf_cases(op: str, type_name: str) -> dict:
+    """Each bad input of refusal::<op>, through `ops.<op>_(blocks, direction, scale, layout)`."""
+    row_length = 2 * gguf.FORMATS[type_name][0]
+    blocks = functools.partial(_gguf_blocks, type_name)
+    large = functools.partial(_gguf_blocks, type_name, 100.0)
+
+    def call(direction=None, scale=1.0, layout="matrix", view=lambda b: b):
+        def run_op(ops, b):
+            d = torch.randn(GGUF_ROWS) if direction is None else direction
+            return getattr(ops, f"{op}_")(view(b), d, scale, layout)
+
+        return run_op
+
+    cases = {
+        "float blocks": (lambda: blocks().float(), call(), TypeError, "blocks"),
+        "1-D blocks": (lambda: blocks().reshape(-1), call(), ValueError, "blocks must be 2-D"),
+        "non-contiguous blocks": (blocks, call(view=lambda b: b[:, ::2]), ValueError, "blocks must be contiguous"),
+        "a partial block per row": (lambda: blocks()[:, 1:].contiguous(), call(), ValueError, "bytes per row"),
+        "direction too long": (blocks, call(torch.randn(GGUF_ROWS + 1)), ValueError, "direction"),
+        "rows layout, direction over the rows": (blocks, call(layout="rows"), ValueError, "direction"),
+        "2-D direction": (blocks, call(torch.randn(1, GGUF_ROWS)), ValueError, "direction"),
+        "integer direction": (blocks, call(torch.ones(GGUF_ROWS, dtype=torch.int64)), TypeError, "direction"),
+        "direction on another device": (blocks, call(torch.randn(GGUF_ROWS, device="meta")), ValueError, "direction"),
+        "zero direction": (blocks, call(torch.zeros(GGUF_ROWS)), ValueError, "direction"),
+        "NaN direction": (blocks, call(torch.full((GGUF_ROWS,), float("nan"))), ValueError, "direction"),
+        "Inf direction, rows layout": (
+            blocks,
+            call(torch.tensor([float("inf")] + [0.0] * (row_length - 1)), layout="rows"),
+            ValueError,
+            "direction",
+        ),
+        "NaN scale": (blocks, call(scale=float("nan")), ValueError, "scale"),
+        "infinite scale": (blocks, call(scale=float("inf")), ValueError, "scale"),
+        "unknown layout": (blocks, call(layout="columns"), ValueError, "layout"),
+        # Data every entry point reads: the values themselves.
+        "a block with an infinite d": (
+            functools.partial(_with_infinite_scale, type_name),
+            call(),
+            ValueError,
+            "blocks must dequantize to finite values",
+        ),
+        # scale * d_i stays finite, its product with some c_j does not.
+        "a scale that overflows float32": (large, call(torch.ones(GGUF_ROWS), scale=3e38), ValueError, "blocks"),
+        "rows layout, a scale that overflows float32": (
+            large,
+            call(torch.ones(row_length), scale=3e38, layout="rows"),
+            ValueError,
+            "blocks",
+        ),
+    }
+    return {f"{op}: {name}": case for name, case in cases.items()}
+
+
+for _op, _type_name in GGUF_TYPES.items():
+    CASES.update(_gguf_cases(_op, _type_name))
+
+
+class _Api(SimpleNamespace):
+    """The package's public functions, and those of the GGUF ops (refusal_kernels.quant.gguf)."""
+
+    def __getattr__(self, name):
+        return getattr(rk, name)
+
+
 # The same checks hold for the public API, for the C++ kernels called through the dispatcher,
 # and for the reference kernel every device without its own runs ("fallback"). The fallback
 # checks metadata only: the data (a zero or non-finite direction, an index out of range) is
 # checked by the CPU kernel and, for GPU tensors, by the public wrapper.
 ENTRY_POINTS = {
-    "api": rk,
+    "api": _Api(**{f"{op}_": api(op) for op in GGUF_TYPES}),
     "torch.ops": SimpleNamespace(
         ablate_=torch.ops.refusal.ablate,
         ablate_indexed_=torch.ops.refusal.ablate_indexed,
         orthogonalize_=torch.ops.refusal.orthogonalize,
         orthogonalize_norm_preserving_=torch.ops.refusal.orthogonalize_norm_preserving,
+        **{f"{op}_": getattr(torch.ops.refusal, op) for op in GGUF_TYPES},
     ),
     "fallback": SimpleNamespace(
         **{f"{op}_": functools.partial(run, "fallback", op) for op in REFERENCES},

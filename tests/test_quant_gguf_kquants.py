@@ -17,10 +17,11 @@ import numpy as np
 import pytest
 import torch
 from gguf.quants import Q4_K
+from op_samples import IDENTICAL_BLOCKS, assert_gguf_close, identical_block_fraction
 
 from refusal_kernels import reference
 from refusal_kernels.quant._common import orthogonalized_float
-from refusal_kernels.quant.gguf import kquants
+from refusal_kernels.quant.gguf import kquants, orthogonalize_
 
 TYPES = sorted(kquants.FORMATS)
 # The largest level of each format's quants (Q6_K's are signed, -32..31).
@@ -168,10 +169,10 @@ def test_quantize_is_row_by_row(type_name):
     assert torch.equal(torch.cat(pieces, dim=1), blocks)
 
 
-def _edit_case(type_name, layout, seed=0):
+def _edit_case(type_name, layout, seed=0, shape=None):
     """Quantized blocks with a strong component along the direction (else requantizing would mostly undo the edit)."""
     generator = torch.Generator().manual_seed(seed)
-    rows, cols = (32, 512) if layout == "matrix" else (16, 512)
+    rows, cols = shape or ((32, 512) if layout == "matrix" else (16, 512))
     length = rows if layout == "matrix" else cols
     direction = torch.randn(length, generator=generator)
     amounts = 8 * torch.randn(cols if layout == "matrix" else rows, generator=generator)
@@ -201,20 +202,39 @@ def test_orthogonalize_reference_is_quantize_of_the_float_edit(type_name, layout
     assert torch.equal(blocks, expected)
 
 
+# The reference and the fused kernel (through the public entry point), same arguments.
+EDITS = {"reference": kquants.orthogonalize_reference_, "kernel": orthogonalize_}
+
+
+@pytest.mark.parametrize("edit", EDITS)
 @pytest.mark.parametrize("layout", ["matrix", "rows"])
 @pytest.mark.parametrize("type_name", TYPES)
-def test_orthogonalize_reference_leaves_only_rounding_along_the_direction(type_name, layout):
+def test_orthogonalize_leaves_only_rounding_along_the_direction(type_name, layout, edit):
     blocks, direction = _edit_case(type_name, layout)
     unit = reference.unit(direction).double()
     target = _edited_float(blocks, type_name, direction, 1.0, layout)
     dim = 0 if layout == "matrix" else 1
     component_before = (kquants.dequantize(blocks, type_name).double().movedim(dim, -1) @ unit).abs()
-    kquants.orthogonalize_reference_(blocks, type_name, direction, layout=layout)
+    EDITS[edit](blocks, type_name, direction, layout=layout)
     component = (kquants.dequantize(blocks, type_name).double().movedim(dim, -1) @ unit).abs()
     float_leftover = (target.double().movedim(dim, -1) @ unit).abs()
     rounding = _rounding_bound(blocks, type_name, target).movedim(dim, -1) @ unit.abs()
     assert bool((component <= rounding + float_leftover).all())
     assert component.square().mean() < 0.01 * component_before.square().mean()
+
+
+# The fused kernel sums c = d^T W (or v . d) in another order than the reference (see
+# IDENTICAL_BLOCKS): every value must be within one step of its block, and most blocks identical.
+@pytest.mark.parametrize("scale", [1.0, 0.5])
+@pytest.mark.parametrize("layout", ["matrix", "rows"])
+@pytest.mark.parametrize("type_name", TYPES)
+def test_kernel_matches_reference(type_name, layout, scale):
+    blocks, direction = _edit_case(type_name, layout, shape=(65, 16 * kquants.VALUES_PER_BLOCK))
+    expected = blocks.clone()
+    kquants.orthogonalize_reference_(expected, type_name, direction, scale, layout)
+    orthogonalize_(blocks, type_name, direction, scale, layout)
+    assert_gguf_close(blocks, expected, type_name)
+    assert identical_block_fraction(blocks, expected, type_name) >= IDENTICAL_BLOCKS[layout]
 
 
 def _bad_calls(type_name, layout):

@@ -7,9 +7,10 @@ import gguf
 import numpy as np
 import pytest
 import torch
+from op_samples import IDENTICAL_BLOCKS, assert_gguf_close, identical_block_fraction
 
 from refusal_kernels import reference
-from refusal_kernels.quant.gguf import LAYOUTS, legacy
+from refusal_kernels.quant.gguf import LAYOUTS, legacy, orthogonalize_
 
 TYPE_NAMES = list(legacy.FORMATS)
 ROWS, COLS = 40, 96
@@ -109,14 +110,14 @@ def test_dequantize_matches_gguf_on_arbitrary_bytes(type_name):
 # ---- orthogonalize_reference_
 
 
-def _problem(type_name: str, layout: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Blocks [ROWS, bytes] with a strong component along a random direction, and that direction."""
+def _problem(type_name: str, layout: str, rows: int = ROWS, cols: int = COLS) -> tuple[torch.Tensor, torch.Tensor]:
+    """Blocks [rows, bytes] with a strong component along a random direction, and that direction."""
     generator = torch.Generator().manual_seed(TYPE_NAMES.index(type_name))
-    direction = torch.randn(ROWS if layout == "matrix" else COLS, generator=generator)
+    direction = torch.randn(rows if layout == "matrix" else cols, generator=generator)
     unit = reference.unit(direction)
-    strength = 10 + 10 * torch.rand(COLS if layout == "matrix" else ROWS, generator=generator)
+    strength = 10 + 10 * torch.rand(cols if layout == "matrix" else rows, generator=generator)
     along = torch.outer(unit, strength) if layout == "matrix" else torch.outer(strength, unit)
-    weight = torch.randn(ROWS, COLS, generator=generator) + along
+    weight = torch.randn(rows, cols, generator=generator) + along
     return _gguf_quantize(weight, type_name), direction
 
 
@@ -142,13 +143,18 @@ def _rounding_bound(blocks: torch.Tensor, type_name: str) -> torch.Tensor:
     return bound.repeat_interleave(legacy.BLOCK_VALUES, dim=-1).reshape(blocks.shape[0], -1)
 
 
+# The reference and the fused kernel (through the public entry point), same arguments.
+EDITS = {"reference": legacy.orthogonalize_reference_, "kernel": orthogonalize_}
+
+
+@pytest.mark.parametrize("edit", EDITS)
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("type_name", TYPE_NAMES)
-def test_orthogonalize_leaves_only_rounding_along_direction(type_name, layout):
+def test_orthogonalize_leaves_only_rounding_along_direction(type_name, layout, edit):
     blocks, direction = _problem(type_name, layout)
     unit = reference.unit(direction)
     before = _component(legacy.dequantize(blocks, type_name), unit, layout)
-    legacy.orthogonalize_reference_(blocks, type_name, direction, layout=layout)
+    EDITS[edit](blocks, type_name, direction, layout=layout)
     after = _component(legacy.dequantize(blocks, type_name), unit, layout)
     bound = _component(_rounding_bound(blocks, type_name), unit.abs(), layout) + 1e-4
     assert (after.abs() <= bound).all(), (after.abs() - bound).max()
@@ -172,6 +178,20 @@ def test_orthogonalize_is_requantized_dense_reference_in_place(type_name, layout
     legacy.orthogonalize_reference_(blocks, type_name, direction, scale, layout)
     assert torch.equal(blocks, expected)
     assert torch.equal(alias, expected.view(-1)), "the bytes must be written into the same storage"
+
+
+# The fused kernel sums c = d^T W (or v . d) in another order than the reference (see
+# IDENTICAL_BLOCKS): every value must be within one step of its block, and most blocks identical.
+@pytest.mark.parametrize("scale", [1.0, 0.5])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("type_name", TYPE_NAMES)
+def test_kernel_matches_reference(type_name, layout, scale):
+    blocks, direction = _problem(type_name, layout, rows=257, cols=65 * legacy.BLOCK_VALUES)
+    expected = blocks.clone()
+    legacy.orthogonalize_reference_(expected, type_name, direction, scale, layout)
+    orthogonalize_(blocks, type_name, direction, scale, layout)
+    assert_gguf_close(blocks, expected, type_name)
+    assert identical_block_fraction(blocks, expected, type_name) >= IDENTICAL_BLOCKS[layout]
 
 
 # ---- bad input

@@ -5,7 +5,7 @@
          ops that have one
   any    the pure-torch reference (`torch_reference`), registered as the fallback
          (CompositeExplicitAutograd): it runs wherever no kernel is registered for the
-         device, e.g. AWQ and NF4 storage on CUDA, or MPS tensors
+         device, e.g. AWQ, NF4 and GGUF storage on CUDA, or MPS tensors
 
 So every caller, inside the package or not, runs an op the same way: `torch.ops.refusal.<op>`.
 `set_backend` (or the environment variable REFUSAL_KERNELS_BACKEND, read at import) overrides

@@ -10,6 +10,7 @@ import torch
 
 from .. import _checks, reference
 from ..quant import awq, fp8, gptq, int8, nf4
+from ..quant.gguf import kquants, legacy
 
 
 def ablate_(x: torch.Tensor, direction: torch.Tensor, scale: float = 1.0) -> None:
@@ -41,6 +42,15 @@ def orthogonalize_nf4_(
     nf4.orthogonalize_reference_(q, direction, scale)
 
 
+def _gguf_kernel(module, type_name: str):
+    """refusal::orthogonalize_<type_name> through `module`'s reference."""
+
+    def orthogonalize_gguf_(blocks, direction, scale=1.0, layout="matrix") -> None:
+        module.orthogonalize_reference_(blocks, type_name, direction, scale, layout)
+
+    return orthogonalize_gguf_
+
+
 KERNELS = {
     "ablate": ablate_,
     "ablate_indexed": ablate_indexed_,
@@ -51,4 +61,9 @@ KERNELS = {
     "orthogonalize_awq": awq.orthogonalize_reference_,
     "orthogonalize_fp8": fp8.orthogonalize_reference_,
     "orthogonalize_nf4": orthogonalize_nf4_,
+    **{
+        f"orthogonalize_{type_name.lower()}": _gguf_kernel(module, type_name)
+        for module in (legacy, kquants)
+        for type_name in module.FORMATS
+    },
 }

@@ -8,14 +8,16 @@ fresh scales, written back into the same bytes):
   legacy    Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 (32 values per block)
   kquants   Q4_K, Q5_K, Q6_K (256 values per super-block)
 
-`orthogonalize_` edits the blocks of any of these types; `dequantize` and `quantize` pick the
-type's module.
+`orthogonalize_` edits the blocks of any of these types through the op of its type,
+`refusal::orthogonalize_<type>` (a fused C++ kernel on CPU; the reference is its fallback);
+`dequantize` and `quantize` pick the type's module.
 """
 
 from __future__ import annotations
 
 import torch
 
+from ..._checks import check_direction_once
 from . import kquants, legacy
 from ._blocks import LAYOUTS
 
@@ -52,8 +54,12 @@ def orthogonalize_(
         W <- W - scale d (d^T W), direction of length rows;
     layout "rows": each row is a d_model vector (token embeddings), v <- v - scale (v.d) d,
         direction of length row_length.
-    Every block is requantized with a fresh scale (and min). Bad arguments raise
-    ValueError/TypeError naming the argument before anything is written. Returns blocks.
+    Every block is requantized with a fresh scale (and min), as `quantize` would from the
+    updated floats. Runs `torch.ops.refusal.orthogonalize_<type_name lowercased>`: the fused
+    kernel on CPU, the reference elsewhere. Bad arguments raise ValueError/TypeError naming the
+    argument before anything is written. Returns blocks.
     """
-    _module(type_name).orthogonalize_reference_(blocks, type_name, direction, scale, layout)
+    _module(type_name)
+    check_direction_once(direction, blocks)
+    getattr(torch.ops.refusal, f"orthogonalize_{type_name.lower()}")(blocks, direction, scale, layout)
     return blocks

@@ -8,19 +8,10 @@ from collections.abc import Callable
 import torch
 
 from ... import reference
-from ..._checks import (
-    check_contiguous,
-    check_dtype,
-    check_nonzero_finite,
-    check_same_device,
-    check_scale,
-    check_vector,
-)
+from ..._checks import GGUF_LAYOUTS, check_gguf_arguments, check_gguf_blocks, check_nonzero_finite
 from .._common import orthogonalized_float
 
-# "matrix": the rows are the d_model outputs of a linear weight [out][in] (GGUF's order);
-# "rows": each row is a d_model vector (token embeddings).
-LAYOUTS = ("matrix", "rows")
+LAYOUTS = GGUF_LAYOUTS
 
 
 def check_type_name(type_name: str, formats: dict[str, tuple[int, int]]) -> None:
@@ -32,17 +23,7 @@ def check_blocks(blocks: torch.Tensor, type_name: str, formats: dict[str, tuple[
     """Checks a [rows, bytes_per_row] uint8 tensor of `type_name` blocks (formats: type ->
     (values, bytes) per block); returns the row length in values."""
     check_type_name(type_name, formats)
-    check_dtype(blocks, "blocks", (torch.uint8,))
-    if blocks.dim() != 2:
-        raise ValueError(f"blocks must be 2-D [rows, bytes_per_row], got shape {tuple(blocks.shape)}")
-    check_contiguous(blocks, "blocks")
-    values_per_block, bytes_per_block = formats[type_name]
-    if blocks.shape[1] % bytes_per_block:
-        raise ValueError(
-            f"blocks has {blocks.shape[1]} bytes per row, not a multiple of {type_name}'s {bytes_per_block} "
-            "bytes per block"
-        )
-    return blocks.shape[1] // bytes_per_block * values_per_block
+    return check_gguf_blocks(blocks, type_name, *formats[type_name])
 
 
 def fp16_values(raw: torch.Tensor) -> torch.Tensor:
@@ -65,19 +46,15 @@ def orthogonalize_blocks_(
     quantize: Callable[[torch.Tensor], torch.Tensor],
 ) -> None:
     """W <- W - scale d (d^T W) ("matrix") or v <- v - scale (v.d) d per row ("rows") on blocks
-    whose own layout the caller has checked; every other argument is checked here, before the write."""
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout must be 'matrix' or 'rows', got {layout!r}")
-    if layout == "matrix":
-        check_vector(direction, "direction", blocks.shape[0], "the rows of blocks (d_model)")
-    else:
-        check_vector(direction, "direction", row_length, "the row length of blocks (d_model)")
-    check_same_device(direction, "direction", blocks, "blocks")
-    check_scale(scale)
+    whose own layout the caller has checked; every other argument, the direction's data and the
+    updated values (finite) are checked here, before the write."""
+    check_gguf_arguments(blocks, row_length, direction, scale, layout)
     weight = dequantize(blocks)
     if layout == "matrix":
         updated = orthogonalized_float(weight, direction, scale)
     else:
         check_nonzero_finite(direction)
         updated = reference.ablate(weight, direction, scale)
+    if not bool(torch.isfinite(updated).all()):
+        raise ValueError("blocks must dequantize to finite values that stay finite in float32 after the update")
     blocks.copy_(quantize(updated))

@@ -1,0 +1,58 @@
+"""CPU speed of the fused GGUF orthogonalize against the pure-torch reference, per block type.
+
+A [4096, 14336] weight (d_model x d_in of a down projection), layout "matrix", its blocks made
+once per type by the reference quantizer: "refusal" is the fused C++ kernel
+(refusal_kernels.quant.gguf.orthogonalize_), "eager" the reference (dequantize, orthogonalize
+in fp32, requantize every block), in the same run. Each call edits the blocks in place, so
+every round starts from the previous round's result, the same for both.
+
+Run: pytest benchmarks/bench_gguf.py   (the summary prints the ratio table)
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import peak_extra_memory_mib
+
+from refusal_kernels.quant import gguf
+from refusal_kernels.quant.gguf import kquants, legacy
+
+SHAPE = (4096, 14336)
+ROUNDS = {"refusal": 3, "eager": 1}
+
+
+@pytest.fixture(scope="module")
+def problem():
+    """(the blocks of each type, made on first use and shared by both impls; the direction)."""
+    generator = torch.Generator().manual_seed(0)
+    values, direction = torch.randn(SHAPE, generator=generator), torch.randn(SHAPE[0], generator=generator)
+    blocks = {}
+
+    def blocks_of(type_name: str) -> torch.Tensor:
+        if type_name not in blocks:
+            blocks[type_name] = gguf.quantize(values, type_name)
+        return blocks[type_name]
+
+    return blocks_of, direction
+
+
+@pytest.mark.parametrize("impl", ["refusal", "eager"])
+@pytest.mark.parametrize("type_name", list(gguf.FORMATS))
+def test_orthogonalize_gguf(benchmark, problem, type_name, impl):
+    blocks_of, direction = problem
+    blocks = blocks_of(type_name)
+    module = legacy if type_name in legacy.FORMATS else kquants
+    op = {"refusal": gguf.orthogonalize_, "eager": module.orthogonalize_reference_}[impl]
+
+    def fn():
+        op(blocks, type_name, direction)
+
+    benchmark.group = f"orthogonalize_gguf {list(SHAPE)} {type_name}"
+    benchmark.extra_info["impl"] = impl
+    # The blocks, read and written once each: the ideal traffic of the in-place op.
+    benchmark.extra_info["bytes"] = 2 * blocks.numel()
+    if impl == "refusal":
+        fn()  # first call: thread pool and allocator warm-up are not the op's memory
+    benchmark.extra_info["peak_extra_MiB"] = peak_extra_memory_mib(fn)
+    benchmark.pedantic(fn, rounds=ROUNDS[impl], warmup_rounds=0)
