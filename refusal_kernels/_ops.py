@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from . import _C, _checks  # noqa: F401  (_C registers the schemas and the C++ kernels)
-from .quant.gguf import FORMATS as GGUF_FORMATS
+from .quant.gguf import OP_FORMATS as GGUF_FORMATS
 
 FLOAT_OPS = ("ablate", "ablate_indexed", "orthogonalize", "orthogonalize_norm_preserving")
 QUANT_FORMATS = ("int8", "gptq", "awq", "fp8", "nf4")

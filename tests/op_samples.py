@@ -277,7 +277,7 @@ LARGE = [
 # results are compared dequantized, within one quantization step of each value's (sub-)block
 # (tests/test_quant_gguf_*.py measure how many blocks are byte-identical).
 
-GGUF_TYPES = {f"orthogonalize_{type_name.lower()}": type_name for type_name in gguf.FORMATS}
+GGUF_TYPES = {f"orthogonalize_{type_name.lower()}": type_name for type_name in gguf.OP_FORMATS}
 
 
 def _gguf_module(type_name: str):

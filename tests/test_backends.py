@@ -95,7 +95,7 @@ def test_gguf_ops_run_the_reference_for_cuda_tensors_under_every_backend(backend
     # provider, or else the CompositeExplicitAutograd fallback), which runs on CPU tensors too.
     rk.set_backend(backend)
     generator = torch.Generator().manual_seed(0)
-    for op, type_name in zip(_ops.GGUF_OPS, gguf.FORMATS, strict=True):
+    for op, type_name in zip(_ops.GGUF_OPS, gguf.OP_FORMATS, strict=True):
         blocks = gguf.quantize(torch.randn(6, 2 * gguf.FORMATS[type_name][0], generator=generator), type_name)
         direction = torch.randn(6, generator=generator)
         expected = blocks.clone()

@@ -7,10 +7,12 @@ fresh scales, written back into the same bytes):
 
   legacy    Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 (32 values per block)
   kquants   Q4_K, Q5_K, Q6_K (256 values per super-block)
+  kquants_low  Q2_K, Q3_K (256 values per super-block)
 
 `orthogonalize_` edits the blocks of any of these types through the op of its type,
-`refusal::orthogonalize_<type>` (a fused C++ kernel on CPU; the reference is its fallback);
-`dequantize` and `quantize` pick the type's module.
+`refusal::orthogonalize_<type>` (a fused C++ kernel on CPU; the reference is its fallback),
+except Q2_K and Q3_K, which have no op yet and run their reference; `dequantize` and
+`quantize` pick the type's module.
 """
 
 from __future__ import annotations
@@ -18,14 +20,16 @@ from __future__ import annotations
 import torch
 
 from ..._checks import check_direction_once
-from . import kquants, legacy
+from . import kquants, kquants_low, legacy
 from ._blocks import LAYOUTS
 
-_MODULES = {type_name: module for module in (legacy, kquants) for type_name in module.FORMATS}
+_MODULES = {type_name: module for module in (legacy, kquants, kquants_low) for type_name in module.FORMATS}
 # type name -> (values, bytes) per block, for every block type this package edits.
 FORMATS = {type_name: module.FORMATS[type_name] for type_name, module in _MODULES.items()}
+# The types edited by a dispatcher op, refusal::orthogonalize_<type>.
+OP_FORMATS = {type_name: layout for type_name, layout in FORMATS.items() if _MODULES[type_name] is not kquants_low}
 
-__all__ = ["FORMATS", "LAYOUTS", "dequantize", "orthogonalize_", "quantize"]
+__all__ = ["FORMATS", "LAYOUTS", "OP_FORMATS", "dequantize", "orthogonalize_", "quantize"]
 
 
 def _module(type_name: str):
@@ -59,7 +63,10 @@ def orthogonalize_(
     kernel on CPU, the reference elsewhere. Bad arguments raise ValueError/TypeError naming the
     argument before anything is written. Returns blocks.
     """
-    _module(type_name)
+    module = _module(type_name)
+    if type_name not in OP_FORMATS:
+        module.orthogonalize_reference_(blocks, type_name, direction, scale, layout)
+        return blocks
     check_direction_once(direction, blocks)
     getattr(torch.ops.refusal, f"orthogonalize_{type_name.lower()}")(blocks, direction, scale, layout)
     return blocks

@@ -39,70 +39,23 @@ All arithmetic is fp32, in the order the parentheses show (llama.cpp's dequantiz
         the scales rounded to int8 against the super-block's largest one.
 Each loop is kept, with fp32 sums accumulated in llama.cpp's order and nearest_int's
 rounding (ties to even, through 1.5 * 2**23) emulated bit for bit, vectorized over blocks.
+That arithmetic, the packing, make_qkx2_quants and the edit are shared with kquants_low
+(Q2_K, Q3_K) through _kquant_common.
 """
 
 from __future__ import annotations
 
-from functools import partial
-
 import torch
 
-from ..._checks import (
-    check_float,
-)
-from ._blocks import check_blocks, check_type_name, fp16_bytes, fp16_values, orthogonalize_blocks_
+from . import _kquant_common as common
+from ._blocks import check_blocks, fp16_bytes
 
-VALUES_PER_BLOCK = 256
+VALUES_PER_BLOCK = common.VALUES_PER_BLOCK
 FORMATS = {"Q4_K": (VALUES_PER_BLOCK, 144), "Q5_K": (VALUES_PER_BLOCK, 176), "Q6_K": (VALUES_PER_BLOCK, 210)}
 
-# llama.cpp's GROUP_MAX_EPS: make_qx_quants calls a sub-block whose largest magnitude is below it
-# all zero, and quantize_row_q6_K_ref stores a super-block whose largest scale is below it as zeros.
-_GROUP_MAX_EPS = torch.tensor(1e-15, dtype=torch.float32).item()
-# 1.5 * 2**23: adding it leaves round(x) in the low 23 bits of the float (nearest_int).
-_ROUNDING_OFFSET = 12582912.0
 # The search parameters of make_qkx2_quants (nmax, rmin, rdelta, nstep) for the two formats with mins.
 _MIN_FORMAT_SEARCH = {"Q4_K": (15, -1.0, 0.1, 20), "Q5_K": (31, -0.5, 0.1, 15)}
 _Q6_NMAX = 32
-
-
-def _check_values(values: torch.Tensor) -> None:
-    check_float(values, "values")
-    if values.dim() != 2 or values.shape[1] % VALUES_PER_BLOCK:
-        raise ValueError(
-            f"values must be 2-D [rows, row_length] with row_length a multiple of {VALUES_PER_BLOCK}, "
-            f"got shape {tuple(values.shape)}"
-        )
-    if not bool(torch.isfinite(values).all()):
-        raise ValueError("values must be finite")
-
-
-# ---- fp32 arithmetic as llama.cpp does it
-
-
-def _nearest_int(values: torch.Tensor) -> torch.Tensor:
-    """llama.cpp's nearest_int, bit for bit (int32): round to nearest, ties to even, for |x| < 2**22.
-
-    Beyond that range it returns what llama.cpp's does (its assert is compiled out).
-    """
-    return ((values + _ROUNDING_OFFSET).view(torch.int32) & 0x7FFFFF) - 0x400000
-
-
-def _divided(numerator: float, denominator: torch.Tensor) -> torch.Tensor:
-    """numerator / denominator as an fp32 division (a Python scalar over a tensor would take a reciprocal)."""
-    return torch.full_like(denominator, numerator) / denominator
-
-
-def _running_sum(terms: torch.Tensor) -> torch.Tensor:
-    """Sum over dim 0, term after term (a C loop's fp32 `sum += term`), not a tree reduction."""
-    total = terms[0]
-    for term in terms[1:]:
-        total = total + term
-    return total
-
-
-def _positive_part(values: torch.Tensor) -> torch.Tensor:
-    """values where > 0, else 0: what a scan `if (v > best) best = v` from 0 sees (NaN never wins)."""
-    return torch.where(values > 0, values, 0.0)
 
 
 def _sqrt(values: torch.Tensor) -> torch.Tensor:
@@ -110,43 +63,12 @@ def _sqrt(values: torch.Tensor) -> torch.Tensor:
     return torch.sqrt(values.double()).float()
 
 
-def _f32(value: float) -> torch.Tensor:
-    """A float32 scalar, so that arithmetic on constants rounds as C's float expressions do."""
-    return torch.tensor(value, dtype=torch.float32)
-
-
 # ---- bytes
-
-
-def _fp16_at(blocks: torch.Tensor, offset: int) -> torch.Tensor:
-    """The fp16 stored at `offset` of every block, as fp32 [blocks]."""
-    return fp16_values(blocks[:, offset : offset + 2]).flatten()
 
 
 def _fp16_bytes(values: torch.Tensor) -> torch.Tensor:
     """fp32 [blocks] rounded to fp16, as bytes [blocks, 2]."""
     return fp16_bytes(values.reshape(-1, 1))
-
-
-def _field_shifts(bits: int, device: torch.device) -> torch.Tensor:
-    return torch.arange(0, 8, bits, dtype=torch.int32, device=device).reshape(1, 1, -1, 1)
-
-
-def _unpack_fields(packed: torch.Tensor, groups: int, bits: int) -> torch.Tensor:
-    """Bytes [blocks, groups * n] holding 8 / bits fields each -> int32 [blocks, groups * 8 / bits * n].
-
-    Field k of byte g * n + l is value (g * 8 / bits + k) * n + l: every K-quant array of quants.
-    """
-    grouped = packed.int().reshape(packed.shape[0], groups, 1, packed.shape[1] // groups)
-    return ((grouped >> _field_shifts(bits, packed.device)) & ((1 << bits) - 1)).flatten(1)
-
-
-def _pack_fields(values: torch.Tensor, groups: int, bits: int) -> torch.Tensor:
-    """Inverse of `_unpack_fields`: int values [blocks, N], each below 2**bits -> uint8 [blocks, N * bits / 8]."""
-    shifts = _field_shifts(bits, values.device)
-    fields = shifts.shape[2]
-    grouped = values.int().reshape(values.shape[0], groups, fields, values.shape[1] // (groups * fields))
-    return (grouped << shifts).sum(2).flatten(1).to(torch.uint8)
 
 
 def _unpack_scales_and_mins(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -172,19 +94,19 @@ def _dequantize_with_mins(blocks: torch.Tensor, type_name: str) -> torch.Tensor:
     """Q4_K or Q5_K super-blocks [blocks, bytes] -> fp32 [blocks, 256]."""
     scales, mins = _unpack_scales_and_mins(blocks[:, 4:16])
     if type_name == "Q4_K":
-        quants = _unpack_fields(blocks[:, 16:], 4, 4)
+        quants = common.unpack_fields(blocks[:, 16:], 4, 4)
     else:
-        quants = _unpack_fields(blocks[:, 48:], 4, 4) | _unpack_fields(blocks[:, 16:48], 1, 1) << 4
-    step = _fp16_at(blocks, 0)[:, None] * scales.float()
-    offset = _fp16_at(blocks, 2)[:, None] * mins.float()
+        quants = common.unpack_fields(blocks[:, 48:], 4, 4) | common.unpack_fields(blocks[:, 16:48], 1, 1) << 4
+    step = common.fp16_at(blocks, 0)[:, None] * scales.float()
+    offset = common.fp16_at(blocks, 2)[:, None] * mins.float()
     values = step[..., None] * quants.reshape(-1, 8, 32).float() - offset[..., None]
     return values.reshape(-1, VALUES_PER_BLOCK)
 
 
 def _dequantize_q6(blocks: torch.Tensor) -> torch.Tensor:
     """Q6_K super-blocks [blocks, 210] -> fp32 [blocks, 256]."""
-    quants = (_unpack_fields(blocks[:, :128], 2, 4) | _unpack_fields(blocks[:, 128:192], 2, 2) << 4) - 32
-    step = _fp16_at(blocks, 208)[:, None] * blocks[:, 192:208].view(torch.int8).float()
+    quants = (common.unpack_fields(blocks[:, :128], 2, 4) | common.unpack_fields(blocks[:, 128:192], 2, 2) << 4) - 32
+    step = common.fp16_at(blocks, 208)[:, None] * blocks[:, 192:208].view(torch.int8).float()
     return (step[..., None] * quants.reshape(-1, 16, 16).float()).reshape(-1, VALUES_PER_BLOCK)
 
 
@@ -199,50 +121,10 @@ def dequantize(blocks: torch.Tensor, type_name: str) -> torch.Tensor:
 # ---- quantize: Q4_K and Q5_K
 
 
-def _make_qkx2_quants(
-    x: torch.Tensor, weights: torch.Tensor, nmax: int, rmin: float, rdelta: float, nstep: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """llama.cpp's make_qkx2_quants (use_mad false) on each column of x [n, groups].
-
-    Returns (levels int32 [n, groups] in 0..nmax, scale [groups], the_min [groups]) with
-    x ~ scale * levels - the_min. As in llama.cpp, each step of the search starts from the
-    min of the best fit so far.
-    """
-    low = x.amin(0)
-    low = torch.where(low > 0, 0.0, low)
-    high = x.amax(0)
-    flat = high == low
-    sum_w = _running_sum(weights)
-    sum_x = _running_sum(weights * x)
-    inverse = _divided(nmax, high - low)
-    scale = _divided(1.0, inverse)
-    levels = _nearest_int(inverse * (x - low)).clamp(0, nmax)
-    best_error = _running_sum(weights * ((scale * levels.float() + low) - x).square())
-    for step in range(nstep + 1):
-        inverse = _divided((_f32(rmin) + _f32(rdelta) * step + nmax).item(), high - low)
-        trial = _nearest_int(inverse * (x - low)).clamp(0, nmax)
-        trial_float = trial.float()
-        weighted = weights * trial_float
-        sum_l, sum_l2, sum_xl = _running_sum(torch.stack([weighted, weighted * trial_float, weighted * x], 1)).unbind()
-        determinant = sum_w * sum_l2 - sum_l * sum_l
-        trial_scale = (sum_w * sum_xl - sum_x * sum_l) / determinant
-        trial_min = (sum_l2 * sum_x - sum_l * sum_xl) / determinant
-        min_above_zero = trial_min > 0
-        trial_scale = torch.where(min_above_zero, sum_xl / sum_l2, trial_scale)
-        trial_min = torch.where(min_above_zero, 0.0, trial_min)
-        error = _running_sum(weights * ((trial_scale * trial_float + trial_min) - x).square())
-        better = ~flat & (determinant > 0) & (error < best_error)
-        levels = torch.where(better, trial, levels)
-        best_error = torch.where(better, error, best_error)
-        scale = torch.where(better, trial_scale, scale)
-        low = torch.where(better, trial_min, low)
-    return torch.where(flat, 0, levels), torch.where(flat, 0.0, scale), -low
-
-
 def _six_bit_codes(values: torch.Tensor, largest: torch.Tensor) -> torch.Tensor:
     """nearest_int(63 / largest * value) as llama.cpp stores it in a uint8 and clamps to 63 (0 if largest is 0)."""
-    inverse = torch.where(largest > 0, _divided(63.0, largest), 0.0)
-    return (_nearest_int(inverse[:, None] * values) & 0xFF).clamp(max=63)
+    inverse = torch.where(largest > 0, common.divided(63.0, largest), 0.0)
+    return (common.nearest_int(inverse[:, None] * values) & 0xFF).clamp(max=63)
 
 
 def _quantize_with_mins(superblocks: torch.Tensor, type_name: str) -> torch.Tensor:
@@ -250,22 +132,22 @@ def _quantize_with_mins(superblocks: torch.Tensor, type_name: str) -> torch.Tens
     nmax, rmin, rdelta, nstep = _MIN_FORMAT_SEARCH[type_name]
     # Sub-blocks as columns [32, sub-blocks]: the running sums then step along contiguous rows.
     x = superblocks.reshape(-1, 32).T.contiguous()
-    spread = _sqrt(_running_sum(x * x) / 32)
-    levels, scales, mins = _make_qkx2_quants(x, spread + x.abs(), nmax, rmin, rdelta, nstep)
+    spread = _sqrt(common.running_sum(x * x) / 32)
+    levels, scales, mins = common.make_qkx2_quants(x, spread + x.abs(), nmax, rmin, rdelta, nstep)
     scales, mins = scales.reshape(-1, 8), mins.reshape(-1, 8)
-    largest_scale, largest_min = _positive_part(scales).amax(1), _positive_part(mins).amax(1)
+    largest_scale, largest_min = common.positive_part(scales).amax(1), common.positive_part(mins).amax(1)
     scale_codes, min_codes = _six_bit_codes(scales, largest_scale), _six_bit_codes(mins, largest_min)
     d, dmin = _fp16_bytes(largest_scale / 63), _fp16_bytes(largest_min / 63)
     step = d.view(torch.float16).float() * scale_codes.float()
     offset = dmin.view(torch.float16).float() * min_codes.float()
     x = superblocks.reshape(-1, 8, 32)
-    requantized = _nearest_int((x + offset[..., None]) / step[..., None]).clamp(0, nmax)
+    requantized = common.nearest_int((x + offset[..., None]) / step[..., None]).clamp(0, nmax)
     # A sub-block whose step is zero keeps the levels of its own fit, as in llama.cpp.
     levels = torch.where(step[..., None] != 0, requantized, levels.T.reshape(-1, 8, 32)).reshape(-1, VALUES_PER_BLOCK)
     parts = [d, dmin, _pack_scales_and_mins(scale_codes, min_codes)]
     if type_name == "Q5_K":
-        parts.append(_pack_fields(levels >> 4, 1, 1))
-    parts.append(_pack_fields(levels & 0xF, 4, 4))
+        parts.append(common.pack_fields(levels >> 4, 1, 1))
+    parts.append(common.pack_fields(levels & 0xF, 4, 4))
     return torch.cat(parts, dim=1)
 
 
@@ -274,10 +156,12 @@ def _quantize_with_mins(superblocks: torch.Tensor, type_name: str) -> torch.Tens
 
 def _signed_levels(x: torch.Tensor, inverse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(l, sum of w x l, sum of w l^2) over each column, with l = nearest_int(inverse * x) in -32..31 and w = x^2."""
-    levels = _nearest_int(inverse * x).clamp(-_Q6_NMAX, _Q6_NMAX - 1)
+    levels = common.nearest_int(inverse * x).clamp(-_Q6_NMAX, _Q6_NMAX - 1)
     levels_float = levels.float()
     weights = x * x
-    sum_lx, sum_l2 = _running_sum(torch.stack([weights * x * levels_float, weights * levels_float * levels_float], 1))
+    sum_lx, sum_l2 = common.running_sum(
+        torch.stack([weights * x * levels_float, weights * levels_float * levels_float], 1)
+    )
     return levels, sum_lx, sum_l2
 
 
@@ -288,17 +172,17 @@ def _make_qx_quants(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """
     magnitude, first_largest = x.abs().max(0)
     largest = x.gather(0, first_largest[None]).flatten()
-    levels, sum_lx, sum_l2 = _signed_levels(x, _divided(-_Q6_NMAX, largest))
+    levels, sum_lx, sum_l2 = _signed_levels(x, common.divided(-_Q6_NMAX, largest))
     scale = torch.where(sum_l2 != 0, sum_lx / sum_l2, 0.0)
     best = scale * sum_lx
     for step in [*range(-9, 0), *range(1, 10)]:
-        inverse = _divided(-(_Q6_NMAX + _f32(0.1) * step).item(), largest)
+        inverse = common.divided(-(_Q6_NMAX + common.f32(0.1) * step).item(), largest)
         trial, trial_lx, trial_l2 = _signed_levels(x, inverse)
         better = (trial_l2 > 0) & (trial_lx * trial_lx > best * trial_l2)
         levels = torch.where(better, trial, levels)
         scale = torch.where(better, trial_lx / trial_l2, scale)
         best = torch.where(better, scale * trial_lx, best)
-    all_zero = magnitude < _GROUP_MAX_EPS
+    all_zero = magnitude < common.GROUP_MAX_EPS
     return torch.where(all_zero, 0, levels + _Q6_NMAX), torch.where(all_zero, 0.0, scale)
 
 
@@ -308,23 +192,27 @@ def _quantize_q6(superblocks: torch.Tensor) -> torch.Tensor:
     levels, scales = _make_qx_quants(superblocks.reshape(-1, 16).T.contiguous())
     levels, scales = levels.T.reshape(-1, 16, 16), scales.reshape(-1, 16)
     # The first scale of largest magnitude, as llama.cpp's scan `if (|s| > max_abs)` finds it.
-    largest_magnitude, first_largest = _positive_part(scales.abs()).max(1)
+    largest_magnitude, first_largest = common.positive_part(scales.abs()).max(1)
     largest = scales.gather(1, first_largest[:, None]).flatten()
-    inverse = _divided(-128.0, largest)
-    d = _fp16_bytes(_divided(1.0, inverse))
+    inverse = common.divided(-128.0, largest)
+    d = _fp16_bytes(common.divided(1.0, inverse))
     # nearest_int clamped to 127, then stored in an int8.
-    codes = ((_nearest_int(inverse[:, None] * scales).clamp(max=127) + 128) & 0xFF) - 128
+    codes = ((common.nearest_int(inverse[:, None] * scales).clamp(max=127) + 128) & 0xFF) - 128
     step = d.view(torch.float16).float() * codes.float()
-    requantized = _nearest_int(superblocks.reshape(-1, 16, 16) / step[..., None]).clamp(-32, 31) + 32
+    requantized = common.nearest_int(superblocks.reshape(-1, 16, 16) / step[..., None]).clamp(-32, 31) + 32
     levels = torch.where(step[..., None] != 0, requantized, levels).reshape(-1, VALUES_PER_BLOCK)
     parts = [
-        _pack_fields(levels & 0xF, 2, 4),
-        _pack_fields(levels >> 4, 2, 2),
+        common.pack_fields(levels & 0xF, 2, 4),
+        common.pack_fields(levels >> 4, 2, 2),
         codes.to(torch.int8).view(torch.uint8),
         d,
     ]
     packed = torch.cat(parts, dim=1)
-    return torch.where((largest_magnitude < _GROUP_MAX_EPS)[:, None], 0, packed)
+    return torch.where((largest_magnitude < common.GROUP_MAX_EPS)[:, None], 0, packed)
+
+
+def _quantize_superblocks(superblocks: torch.Tensor, type_name: str) -> torch.Tensor:
+    return _quantize_q6(superblocks) if type_name == "Q6_K" else _quantize_with_mins(superblocks, type_name)
 
 
 def quantize(values: torch.Tensor, type_name: str) -> torch.Tensor:
@@ -333,25 +221,10 @@ def quantize(values: torch.Tensor, type_name: str) -> torch.Tensor:
     The bytes that llama.cpp's quantize_row_q4_K_ref, quantize_row_q5_K_ref or quantize_row_q6_K_ref
     writes for each row.
     """
-    check_type_name(type_name, FORMATS)
-    _check_values(values)
-    superblocks = values.float().reshape(-1, VALUES_PER_BLOCK)
-    blocks = _quantize_q6(superblocks) if type_name == "Q6_K" else _quantize_with_mins(superblocks, type_name)
-    return blocks.reshape(values.shape[0], values.shape[1] // VALUES_PER_BLOCK * FORMATS[type_name][1])
+    return common.quantize_rows(values, type_name, FORMATS, _quantize_superblocks)
 
 
 # ---- the edit
 
 
-def orthogonalize_reference_(
-    blocks: torch.Tensor, type_name: str, direction: torch.Tensor, scale: float = 1.0, layout: str = "matrix"
-) -> None:
-    """Dequantize, orthogonalize in fp32, requantize every super-block; writes `blocks` in place.
-
-    layout "matrix": the rows are d_model outputs of a linear weight [out][in], W <- W - scale d (d^T W);
-    layout "rows": each row is a d_model vector (token embeddings), v <- v - scale (v . d) d.
-    Every argument is checked before anything is written.
-    """
-    row_length = check_blocks(blocks, type_name, FORMATS)
-    codec = (partial(dequantize, type_name=type_name), partial(quantize, type_name=type_name))
-    orthogonalize_blocks_(blocks, row_length, direction, scale, layout, *codec)
+orthogonalize_reference_ = common.reference_edit(FORMATS, dequantize, quantize)
