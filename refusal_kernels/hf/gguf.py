@@ -10,7 +10,9 @@ source (see `refusal_kernels.quant.gguf.container`):
   their biases                       b <- b - s (b.d) d
 
 Each is edited in its own GGML type: F32, F16 and BF16 by the dense ops, the block formats by
-`refusal_kernels.quant.gguf.orthogonalize_`, which requantizes every block with fresh scales.
+`refusal_kernels.quant.gguf.orthogonalize_`, which requantizes every block with fresh scales,
+followed by feedback passes (`refusal_kernels.quant.gguf.feedback`) that take out the part of
+the component that rounding to the new grid keeps.
 Every other tensor, the metadata and the order are kept; keys under `refusal_kernels.` record
 the edit. A file whose head is tied to token_embd (no output.weight) gets the original
 token_embd as output.weight, so the unembedding is unchanged; architectures whose llama.cpp
@@ -36,7 +38,7 @@ import torch
 from .. import ops
 from .._version import __version__
 from ..quant import gguf as blocks
-from ..quant.gguf import container
+from ..quant.gguf import container, feedback
 from . import families
 from .schedule import Schedule, check_scale_or_schedule
 
@@ -78,6 +80,12 @@ class GGUFWriter:
     component: str
     layer: int | None
     layout: str
+
+
+@dataclass(frozen=True)
+class _EditOptions:
+    requant: str | None  # the type writers of a type with no edit are re-encoded in
+    passes: int  # feedback passes after each block-format writer's plain edit
 
 
 @dataclass(frozen=True)
@@ -185,8 +193,9 @@ def _edited_values(values: torch.Tensor, writer: GGUFWriter, direction: torch.Te
         ops.orthogonalize_(expert, direction, scale)
 
 
-def _edited_bytes(writer: GGUFWriter, data: np.ndarray, direction: torch.Tensor, scale: float, requant: str | None):
+def _edited_bytes(writer: GGUFWriter, data: np.ndarray, direction: torch.Tensor, scale: float, options: _EditOptions):
     """The writer's new bytes [rows, bytes_per_row] and its GGML type name."""
+    requant = options.requant
     type_ = writer.tensor.type
     if type_ in DENSE_TYPES:
         raw = torch.from_numpy(data)
@@ -196,7 +205,7 @@ def _edited_bytes(writer: GGUFWriter, data: np.ndarray, direction: torch.Tensor,
         raw = torch.from_numpy(data)
         d_model = direction.numel() if writer.layout == "matrix" else raw.shape[0]
         for part in raw.view(-1, d_model, raw.shape[-1]):
-            blocks.orthogonalize_(part, type_.name, direction, scale, writer.layout)
+            feedback.orthogonalize_with_feedback_(part, type_.name, direction, scale, writer.layout, options.passes)
         return raw.numpy(), type_.name
     values = torch.from_numpy(np.ascontiguousarray(gguf.quants.dequantize(data, type_), dtype=np.float32))
     values = values.reshape(writer.tensor.rows, -1)
@@ -208,12 +217,13 @@ def _edited_bytes(writer: GGUFWriter, data: np.ndarray, direction: torch.Tensor,
 
 
 def _edit_record(
-    scale: float | Schedule, layer: int | None, position: int | None, include_embeddings: bool
+    scale: float | Schedule, layer: int | None, position: int | None, include_embeddings: bool, passes: int
 ) -> dict[str, object]:
     record: dict[str, object] = {
         "version": __version__,
         "method": "weight orthogonalization",
         "include_embeddings": include_embeddings,
+        "feedback_passes": passes,
     }
     if isinstance(scale, Schedule):
         record |= {
@@ -264,6 +274,7 @@ def orthogonalize_gguf(
     layer: int | None = None,
     position: int | None = None,
     requant: str | None = None,
+    feedback_passes: int = feedback.DEFAULT_PASSES,
 ) -> GGUFEdit:
     """Write `dst`, a copy of the GGUF file `src` with every residual writer orthogonalized
     against `direction`, each in its own GGML type (see the module docstring).
@@ -281,8 +292,12 @@ def orthogonalize_gguf(
         layers: only the writers of these layers.
         layer, position: where the direction was found, recorded in the metadata.
         requant: the GGML type (e.g. "Q8_0") to re-encode writers whose type has no edit
-            here (I-quants, TQ, MXFP4, Q2_K, Q3_K), with a warning naming them; without it
+            here (I-quants, TQ, MXFP4), with a warning naming them; without it
             such a writer raises TypeError naming the tensor and its type.
+        feedback_passes: requantization passes after the plain edit of each block-format
+            writer, which take out the component along the direction that rounding to the
+            new grid keeps (`quant.gguf.feedback`); 0 is the plain edit, llama.cpp's
+            requantization of the fp32-orthogonalized weight.
 
     Returns:
         A GGUFEdit: the path written, the tensors changed and whether the head was untied.
@@ -300,6 +315,9 @@ def orthogonalize_gguf(
     scale = check_scale_or_schedule(scale, n_layers)
     writers = _plan(source, directions, scale, include_embeddings, layers, untie_ok)
     _check_types(writers, requant)
+    if isinstance(feedback_passes, bool) or not isinstance(feedback_passes, int) or feedback_passes < 0:
+        raise ValueError(f"feedback_passes must be a non-negative int, got {feedback_passes!r}")
+    options = _EditOptions(requant, feedback_passes)
     targets = {w.tensor.name: _target(source, w, directions, post_norms) for w in writers}
     schedule = scale if isinstance(scale, Schedule) else Schedule.constant(n_layers, scale)
     by_name = {w.tensor.name: w for w in writers}
@@ -307,12 +325,13 @@ def orthogonalize_gguf(
     requantized = [w.tensor.name for w in writers if _needs_requant(w)]
     if requantized:
         warnings.warn(f"re-encoding {', '.join(requantized)} as {requant}: their types have no edit", stacklevel=2)
-    outputs = [_output(source, t, by_name.get(t.name), targets, schedule, requant, changed) for t in source.tensors]
+    outputs = [_output(source, t, by_name.get(t.name), targets, schedule, options, changed) for t in source.tensors]
     embedding = source.tensor("token_embd.weight")
     untie = source.tensor(TIED_HEAD) is None and embedding is not None and embedding.name in by_name
     if untie:
         outputs.append(container.OutputTensor(TIED_HEAD, embedding.type, embedding.shape, source=embedding))
-    container.write(source, dst, outputs, _edit_record(scale, layer, position, include_embeddings))
+    record = _edit_record(scale, layer, position, include_embeddings, feedback_passes)
+    container.write(source, dst, outputs, record)
     return GGUFEdit(dst, changed, untie)
 
 
@@ -320,16 +339,16 @@ def _needs_requant(writer: GGUFWriter) -> bool:
     return writer.tensor.type not in DENSE_TYPES and writer.tensor.type.name not in blocks.FORMATS
 
 
-def _output(source, tensor, writer, targets, schedule, requant, changed) -> container.OutputTensor:
+def _output(source, tensor, writer, targets, schedule, options, changed) -> container.OutputTensor:
     """A source tensor as written: its bytes copied, or (a writer) edited when written."""
     if writer is None:
         return container.OutputTensor(tensor.name, tensor.type, tensor.shape, source=tensor)
-    type_ = gguf.GGMLQuantizationType[requant] if _needs_requant(writer) else tensor.type
+    type_ = gguf.GGMLQuantizationType[options.requant] if _needs_requant(writer) else tensor.type
     changed[tensor.name] = type_.name
 
     def make() -> np.ndarray:
         data = source.read_bytes(tensor)
-        edited, _ = _edited_bytes(writer, data, targets[tensor.name], schedule.scale_of(writer), requant)
+        edited, _ = _edited_bytes(writer, data, targets[tensor.name], schedule.scale_of(writer), options)
         return edited
 
     return container.OutputTensor(tensor.name, type_, tensor.shape, make=make)

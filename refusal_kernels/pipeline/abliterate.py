@@ -16,6 +16,7 @@ from pathlib import Path
 from torch import nn
 
 from .. import hf
+from ..quant.gguf.feedback import DEFAULT_PASSES
 from . import select
 from .evaluate import Evaluation, evaluate
 from .options import AbliterationOptions
@@ -91,7 +92,13 @@ class AbliterationReport:
             metadata["trial"] = self.trial_summary()
         return metadata
 
-    def write_gguf(self, src: str | os.PathLike, dst: str | os.PathLike, requant: str | None = None) -> hf.GGUFEdit:
+    def write_gguf(
+        self,
+        src: str | os.PathLike,
+        dst: str | os.PathLike,
+        requant: str | None = None,
+        feedback_passes: int = DEFAULT_PASSES,
+    ) -> hf.GGUFEdit:
         """The same edit, made to the GGUF file the model was loaded from: `hf.orthogonalize_gguf`
         with this report's direction and scale, or its trial's direction and schedule (which
         leave the embeddings alone). A norm-preserving trial raises ValueError: the GGUF edit
@@ -106,6 +113,7 @@ class AbliterationReport:
                 layer=direction.layer,
                 position=direction.position,
                 requant=requant,
+                feedback_passes=feedback_passes,
             )
         params = self.trial.search.trial(self.trial.number).params
         if params.norm_preserving:
@@ -122,6 +130,7 @@ class AbliterationReport:
             include_embeddings=False,
             position=search.position,
             requant=requant,
+            feedback_passes=feedback_passes,
         )
 
     def save(self, out_dir: str | os.PathLike) -> Path:
