@@ -203,14 +203,12 @@ def test_bad_arguments_raise_naming_the_argument_and_write_nothing(tmp_path, arg
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src.gguf"] and _sha(src) == before
 
 
-def test_an_architecture_without_named_writers_or_a_tied_head_it_cannot_untie_is_refused(tmp_path):
-    mamba = write(tmp_path / "mamba.gguf", arch="mamba")
-    with pytest.raises(StructureError, match="architecture 'mamba': its residual writers cannot be named"):
-        orthogonalize_gguf(mamba, tmp_path / "out.gguf", _direction())
-    gemma = write(tmp_path / "gemma.gguf", arch="gemma2")
-    with pytest.raises(StructureError, match=re.escape("takes no separate output.weight")):
-        orthogonalize_gguf(gemma, tmp_path / "out.gguf", _direction())
-    assert not (tmp_path / "out.gguf").exists()
+@pytest.mark.parametrize("arch", ["mamba", "gemma2"])
+def test_an_architecture_whose_writers_are_not_known_in_gguf_terms_is_refused(tmp_path, arch):
+    src = write(tmp_path / "src.gguf", arch=arch)
+    with pytest.raises(StructureError, match=f"architecture '{arch}': its residual writers cannot be named"):
+        orthogonalize_gguf(src, tmp_path / "out.gguf", _direction())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src.gguf"]
 
 
 def test_an_interrupted_write_leaves_no_file(tmp_path, monkeypatch):

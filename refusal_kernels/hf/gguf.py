@@ -15,8 +15,7 @@ followed by feedback passes (`refusal_kernels.quant.gguf.feedback`) that take ou
 the component that rounding to the new grid keeps.
 Every other tensor, the metadata and the order are kept; keys under `refusal_kernels.` record
 the edit. A file whose head is tied to token_embd (no output.weight) gets the original
-token_embd as output.weight, so the unembedding is unchanged; architectures whose llama.cpp
-loader takes no separate output.weight refuse to edit the embeddings instead.
+token_embd as output.weight, so the unembedding is unchanged.
 
 The direction is one found on the model transformers loads from the same GGUF: its residual
 stream has the same coordinates, since transformers only permutes attn_q and attn_k.
@@ -42,22 +41,11 @@ from ..quant.gguf import container, feedback
 from . import families
 from .schedule import Schedule, check_scale_or_schedule
 
-# GGUF architectures whose residual writers are exactly the tensors of WRITER_NAME, mapped to
-# (whether llama.cpp takes an output.weight beside token_embd, the post-sublayer norms
-# (attention, MLP) whose output is added to the residual, or None).
-ARCHITECTURES: dict[str, tuple[bool, tuple[str, str] | None]] = {
-    "llama": (True, None),
-    "mistral": (True, None),
-    "qwen2": (True, None),
-    "qwen2moe": (True, None),
-    "qwen3": (True, None),
-    "qwen3moe": (True, None),
-    "phi3": (True, None),
-    "stablelm": (True, None),
-    "starcoder2": (True, None),
-    "gemma2": (False, ("post_attention_norm", "post_ffw_norm")),
-    "gemma3": (False, ("post_attention_norm", "post_ffw_norm")),
-}
+# GGUF architectures whose residual writers are exactly the tensors of WRITER_NAME, with no
+# norm after a sublayer, and whose llama.cpp loader takes an output.weight beside token_embd
+# (so a tied head can be untied). Others (gemma2/3's post-sublayer norms, for one) are refused
+# until a test file of theirs shows the edit right.
+ARCHITECTURES = ("llama", "qwen2")
 WRITER_NAME = re.compile(
     r"(?P<embedding>token_embd|position_embd)\.weight"
     r"|blk\.(?P<layer>\d+)\.(?:(?P<attention>attn_output)|(?P<mlp>ffn_down(?:_exps|_shexp)?))\.(?P<kind>weight|bias)"
@@ -109,8 +97,8 @@ def _writer(tensor: container.TensorInfo) -> GGUFWriter | None:
     return GGUFWriter(tensor, component, int(match["layer"]), layout)
 
 
-def _architecture(source: container.GGUFFile) -> tuple[str, int, int]:
-    """(architecture, layers, d_model); StructureError unless its writers are known in GGUF terms."""
+def _shape(source: container.GGUFFile) -> tuple[int, int]:
+    """(layers, d_model); StructureError unless the architecture's writers are known in GGUF terms."""
     arch = source.metadata.get("general.architecture")
     if arch not in ARCHITECTURES:
         raise families.StructureError(
@@ -118,7 +106,7 @@ def _architecture(source: container.GGUFFile) -> tuple[str, int, int]:
             f"(known: {', '.join(ARCHITECTURES)}); load it with transformers and use orthogonalize_model_"
         )
     try:
-        return arch, int(source.metadata[f"{arch}.block_count"]), int(source.metadata[f"{arch}.embedding_length"])
+        return int(source.metadata[f"{arch}.block_count"]), int(source.metadata[f"{arch}.embedding_length"])
     except KeyError as missing:
         raise container.GGUFFormatError(f"{source.path}: metadata key {missing} is missing") from None
 
@@ -165,22 +153,11 @@ def _check_types(writers: list[GGUFWriter], requant: str | None) -> None:
             )
 
 
-def _gain(source: container.GGUFFile, name: str) -> torch.Tensor:
-    tensor = source.tensor(name)
-    if tensor is None or tensor.type != gguf.GGMLQuantizationType.F32:
-        raise container.GGUFFormatError(f"{source.path}: post-sublayer norm {name} is missing or not F32")
-    return torch.from_numpy(source.read_bytes(tensor).view(np.float32).reshape(-1).copy())
-
-
-def _target(source, writer: GGUFWriter, directions: torch.Tensor, post_norms) -> torch.Tensor:
+def _target(writer: GGUFWriter, directions: torch.Tensor) -> torch.Tensor:
     """The unit fp32 direction a writer is orthogonalized against: its layer's (the first
-    layer's for embeddings), times the gain of the norm after it, if any."""
+    layer's for embeddings)."""
     base = directions[0 if writer.layer is None else writer.layer]
-    gain = None
-    if post_norms is not None and writer.layer is not None:
-        norm = post_norms[0 if writer.component == families.ATTENTION else 1]
-        gain = _gain(source, f"blk.{writer.layer}.{norm}.weight")
-    return families.writer_direction(base, gain)
+    return base / base.norm()
 
 
 def _edited_values(values: torch.Tensor, writer: GGUFWriter, direction: torch.Tensor, scale: float) -> None:
@@ -240,7 +217,7 @@ def _edit_record(
     return {KEY_PREFIX + key: value for key, value in record.items()}
 
 
-def _plan(source, directions, scale, include_embeddings, layers, untie_ok) -> list[GGUFWriter]:
+def _plan(source, directions, scale, include_embeddings, layers) -> list[GGUFWriter]:
     """The writers to edit: scale not 0, in the selected layers, embeddings if asked."""
     writers = [w for w in map(_writer, source.tensors) if w is not None]
     schedule = scale if isinstance(scale, Schedule) else Schedule.constant(directions.shape[0], scale)
@@ -253,13 +230,6 @@ def _plan(source, directions, scale, include_embeddings, layers, untie_ok) -> li
         for w in writers
         if schedule.scale_of(w) != 0 and (w.layer in selected if w.layer is not None else include_embeddings)
     ]
-    tied = source.tensor(TIED_HEAD) is None
-    if tied and not untie_ok and any(w.component == families.EMBEDDING for w in chosen):
-        raise families.StructureError(
-            f"{source.path}: its head is tied to token_embd and llama.cpp's loader for this architecture takes "
-            "no separate output.weight, so editing the embeddings would change the unembedding; "
-            "pass include_embeddings=False"
-        )
     return chosen
 
 
@@ -309,16 +279,15 @@ def orthogonalize_gguf(
     src, dst = Path(src), Path(dst)
     _check_paths(src, dst)
     source = container.read(src)
-    arch, n_layers, d_model = _architecture(source)
-    untie_ok, post_norms = ARCHITECTURES[arch]
+    n_layers, d_model = _shape(source)
     directions = _layer_directions(direction, n_layers, d_model)
     scale = check_scale_or_schedule(scale, n_layers)
-    writers = _plan(source, directions, scale, include_embeddings, layers, untie_ok)
+    writers = _plan(source, directions, scale, include_embeddings, layers)
     _check_types(writers, requant)
     if isinstance(feedback_passes, bool) or not isinstance(feedback_passes, int) or feedback_passes < 0:
         raise ValueError(f"feedback_passes must be a non-negative int, got {feedback_passes!r}")
     options = _EditOptions(requant, feedback_passes)
-    targets = {w.tensor.name: _target(source, w, directions, post_norms) for w in writers}
+    targets = {w.tensor.name: _target(w, directions) for w in writers}
     schedule = scale if isinstance(scale, Schedule) else Schedule.constant(n_layers, scale)
     by_name = {w.tensor.name: w for w in writers}
     changed: dict[str, str] = {}
