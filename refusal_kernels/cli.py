@@ -279,7 +279,7 @@ def cmd_abliterate(args) -> int:
 
     spec = resolve_model(args.model)
     out = check_out_dir(args.out, spec, args.overwrite)
-    output_format(args, spec)
+    fmt = output_format(args, spec)
     trial = load_trial(args.trial, args) if args.trial else None
     sets = prompt_sets(args)
     spec, model, tokenizer, load_seconds = load(args)
@@ -297,7 +297,7 @@ def cmd_abliterate(args) -> int:
     report = abliterate(model, tokenizer, sets, options, direction=direction, trial=trial, source=spec)
     report.timings = {"load": load_seconds, **report.timings}
     stopwatch = Stopwatch()
-    if output_format(args, spec) == "gguf":
+    if fmt == "gguf":
         with hf.saving.atomic_directory(out, args.overwrite, protected=[]) as directory:
             report.write_gguf(
                 spec, directory / Path(spec).name, requant=args.gguf_requant, feedback_passes=args.gguf_feedback_passes

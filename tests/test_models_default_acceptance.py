@@ -71,12 +71,15 @@ def found(qwen):
     return result
 
 
+def held_out_evaluation(model, tokenizer, baseline=None) -> evaluate.Evaluation:
+    """The evaluation every test here compares: harmful_val, the first harmless_val prompts, 48 tokens."""
+    harmful, harmless = instructions("harmful_val"), instructions("harmless_val")[:HARMLESS_EVAL]
+    return evaluate.evaluate(model, tokenizer, harmful, harmless, baseline=baseline, max_new_tokens=48)
+
+
 @pytest.fixture(scope="module")
 def baseline(qwen):
-    model, tokenizer = qwen
-    return evaluate.evaluate(
-        model, tokenizer, instructions("harmful_val"), instructions("harmless_val")[:HARMLESS_EVAL], max_new_tokens=48
-    )
+    return held_out_evaluation(*qwen)
 
 
 @pytest.fixture(scope="module")
@@ -88,14 +91,7 @@ def evaluations(qwen, found, baseline):
     def evaluation(mode: str) -> evaluate.Evaluation:
         if mode not in done:
             with hf.patch(model, found.direction, mode=mode):
-                done[mode] = evaluate.evaluate(
-                    model,
-                    tokenizer,
-                    instructions("harmful_val"),
-                    instructions("harmless_val")[:HARMLESS_EVAL],
-                    baseline=baseline,
-                    max_new_tokens=48,
-                )
+                done[mode] = held_out_evaluation(model, tokenizer, baseline)
             print(f"\n{mode}: before {baseline.summary()}, after {done[mode].summary()}")
         return done[mode]
 
@@ -228,14 +224,7 @@ def test_llama_cpp_refuses_at_most_5_percent_with_the_gguf_output(llama_cpp_answ
 def test_transformers_loads_the_gguf_output_within_5_points_of_the_weights_edit(gguf_output, evaluations):
     weights = evaluations("weights")
     model, tokenizer = hf.load_model(str(gguf_output), dtype=torch.bfloat16)
-    loaded = evaluate.evaluate(
-        model,
-        tokenizer,
-        instructions("harmful_val"),
-        instructions("harmless_val")[:HARMLESS_EVAL],
-        baseline=weights,
-        max_new_tokens=48,
-    )
+    loaded = held_out_evaluation(model, tokenizer, weights)
     print(
         f"\nGGUF output in transformers: harmful refusal {loaded.harmful_refusal:.3f} against the weights edit's "
         f"{weights.harmful_refusal:.3f}; KL(weights edit || GGUF output) on harmless prompts {loaded.kl:.4f}"

@@ -40,7 +40,7 @@ import copy
 import dataclasses
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -878,6 +878,37 @@ def execution_device(module: nn.Module) -> torch.device:
     return next(module.parameters()).device
 
 
+def check_directions(
+    direction: torch.Tensor,
+    num_layers: int,
+    d_model: int,
+    layers: Sequence[int] | None,
+    size_note: str = "",
+) -> list[int]:
+    """Check `direction` ([d_model] or one per layer [num_layers, d_model], finite and non-zero)
+    and `layers`; returns the selected layers (all by default). `size_note` follows d_model in
+    the shape's message. Raises ValueError/TypeError naming the argument."""
+    if not isinstance(direction, torch.Tensor):
+        raise TypeError(f"direction must be a torch.Tensor, got {type(direction).__name__}")
+    if not direction.dtype.is_floating_point:
+        raise TypeError(f"direction must have a floating-point dtype, got {direction.dtype}")
+    if direction.shape not in ((d_model,), (num_layers, d_model)):
+        raise ValueError(
+            f"direction must have shape [{d_model}]{size_note} or [num_layers={num_layers}, {d_model}], "
+            f"got {tuple(direction.shape)}"
+        )
+    norms = direction.detach().float().reshape(-1, d_model).norm(dim=-1)
+    if not bool((torch.isfinite(norms) & (norms > 0)).all()):
+        raise ValueError("direction must be finite and non-zero (in every row)")
+    if layers is None:
+        return list(range(num_layers))
+    selected = [int(i) for i in layers]
+    bad = [i for i in selected if not 0 <= i < num_layers]
+    if bad:
+        raise ValueError(f"layers holds {bad}, outside [0, {num_layers})")
+    return selected
+
+
 def layer_directions(
     direction: torch.Tensor,
     structure: ModelStructure,
@@ -889,25 +920,7 @@ def layer_directions(
     Each vector is placed on `device`, by default where its layer computes. Raises
     ValueError/TypeError naming the argument.
     """
-    if not isinstance(direction, torch.Tensor):
-        raise TypeError(f"direction must be a torch.Tensor, got {type(direction).__name__}")
-    if not direction.dtype.is_floating_point:
-        raise TypeError(f"direction must have a floating-point dtype, got {direction.dtype}")
-    num_layers, d_model = len(structure.layers), structure.hidden_size
-    if direction.shape not in ((d_model,), (num_layers, d_model)):
-        raise ValueError(
-            f"direction must have shape [{d_model}] or [num_layers={num_layers}, {d_model}], got {tuple(direction.shape)}"
-        )
-    norms = direction.detach().float().reshape(-1, d_model).norm(dim=-1)
-    if not bool((torch.isfinite(norms) & (norms > 0)).all()):
-        raise ValueError("direction must be finite and non-zero (in every row)")
-    if layers is None:
-        selected = list(range(num_layers))
-    else:
-        selected = [int(i) for i in layers]
-        bad = [i for i in selected if not 0 <= i < num_layers]
-        if bad:
-            raise ValueError(f"layers holds {bad}, outside [0, {num_layers})")
+    selected = check_directions(direction, len(structure.layers), structure.hidden_size, layers)
     result = {}
     for i in selected:
         row = direction if direction.dim() == 1 else direction[i]

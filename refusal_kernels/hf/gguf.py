@@ -111,24 +111,6 @@ def _shape(source: container.GGUFFile) -> tuple[int, int]:
         raise container.GGUFFormatError(f"{source.path}: metadata key {missing} is missing") from None
 
 
-def _layer_directions(direction: torch.Tensor, n_layers: int, d_model: int) -> torch.Tensor:
-    """direction as fp32 [n_layers, d_model]: one per layer, or the same for every layer."""
-    if not isinstance(direction, torch.Tensor):
-        raise TypeError(f"direction must be a torch.Tensor, got {type(direction).__name__}")
-    if not direction.dtype.is_floating_point:
-        raise TypeError(f"direction must have a floating-point dtype, got {direction.dtype}")
-    if direction.shape not in ((d_model,), (n_layers, d_model)):
-        raise ValueError(
-            f"direction must have shape [{d_model}] (the file's embedding length) or [{n_layers}, {d_model}], "
-            f"got {tuple(direction.shape)}"
-        )
-    rows = direction.detach().float().cpu().reshape(-1, d_model).expand(n_layers, d_model)
-    norms = rows.norm(dim=-1)
-    if not bool((torch.isfinite(norms) & (norms > 0)).all()):
-        raise ValueError("direction must be finite and non-zero (in every row)")
-    return rows
-
-
 def _check_paths(src: Path, dst: Path) -> None:
     if dst.resolve() == src.resolve() or (dst.exists() and dst.samefile(src)):
         raise ValueError(f"dst {dst} is the source file: write the edited GGUF to another path")
@@ -145,10 +127,9 @@ def _check_types(writers: list[GGUFWriter], requant: str | None) -> None:
             raise ValueError(f"requant must be one of {', '.join([*(t.name for t in DENSE_TYPES), *blocks.FORMATS])}")
         return
     for writer in writers:
-        type_ = writer.tensor.type
-        if type_ not in DENSE_TYPES and type_.name not in blocks.FORMATS:
+        if _needs_requant(writer):
             raise TypeError(
-                f"tensor {writer.tensor.name} is {type_.name}, a type this edit cannot requantize; "
+                f"tensor {writer.tensor.name} is {writer.tensor.type.name}, a type this edit cannot requantize; "
                 "pass requant (--gguf-requant TYPE) to re-encode such tensors in another type"
             )
 
@@ -170,27 +151,28 @@ def _edited_values(values: torch.Tensor, writer: GGUFWriter, direction: torch.Te
         ops.orthogonalize_(expert, direction, scale)
 
 
-def _edited_bytes(writer: GGUFWriter, data: np.ndarray, direction: torch.Tensor, scale: float, options: _EditOptions):
-    """The writer's new bytes [rows, bytes_per_row] and its GGML type name."""
+def _edited_bytes(
+    writer: GGUFWriter, data: np.ndarray, direction: torch.Tensor, scale: float, options: _EditOptions
+) -> np.ndarray:
+    """The writer's new bytes [rows, bytes_per_row], in its own type or (a type with no edit) options.requant."""
     requant = options.requant
     type_ = writer.tensor.type
     if type_ in DENSE_TYPES:
         raw = torch.from_numpy(data)
         _edited_values(raw.view(DENSE_TYPES[type_]), writer, direction, scale)
-        return raw.numpy(), type_.name
+        return raw.numpy()
     if type_.name in blocks.FORMATS:
         raw = torch.from_numpy(data)
         d_model = direction.numel() if writer.layout == "matrix" else raw.shape[0]
         for part in raw.view(-1, d_model, raw.shape[-1]):
             feedback.orthogonalize_with_feedback_(part, type_.name, direction, scale, writer.layout, options.passes)
-        return raw.numpy(), type_.name
+        return raw.numpy()
     values = torch.from_numpy(np.ascontiguousarray(gguf.quants.dequantize(data, type_), dtype=np.float32))
     values = values.reshape(writer.tensor.rows, -1)
     _edited_values(values, writer, direction, scale)
     if requant in blocks.FORMATS:
-        return blocks.quantize(values, requant).numpy(), requant
-    dense = next(t for t in DENSE_TYPES if t.name == requant)
-    return values.to(DENSE_TYPES[dense]).view(torch.uint8).numpy(), requant
+        return blocks.quantize(values, requant).numpy()
+    return values.to(DENSE_TYPES[gguf.GGMLQuantizationType[requant]]).view(torch.uint8).numpy()
 
 
 def _edit_record(
@@ -217,20 +199,14 @@ def _edit_record(
     return {KEY_PREFIX + key: value for key, value in record.items()}
 
 
-def _plan(source, directions, scale, include_embeddings, layers) -> list[GGUFWriter]:
+def _plan(source, schedule: Schedule, selected: list[int], include_embeddings: bool) -> list[GGUFWriter]:
     """The writers to edit: scale not 0, in the selected layers, embeddings if asked."""
     writers = [w for w in map(_writer, source.tensors) if w is not None]
-    schedule = scale if isinstance(scale, Schedule) else Schedule.constant(directions.shape[0], scale)
-    selected = set(range(directions.shape[0]) if layers is None else layers)
-    bad = sorted(i for i in selected if not 0 <= i < directions.shape[0])
-    if bad:
-        raise ValueError(f"layers holds {bad}, outside [0, {directions.shape[0]})")
-    chosen = [
+    return [
         w
         for w in writers
         if schedule.scale_of(w) != 0 and (w.layer in selected if w.layer is not None else include_embeddings)
     ]
-    return chosen
 
 
 def orthogonalize_gguf(
@@ -280,44 +256,41 @@ def orthogonalize_gguf(
     _check_paths(src, dst)
     source = container.read(src)
     n_layers, d_model = _shape(source)
-    directions = _layer_directions(direction, n_layers, d_model)
+    selected = families.check_directions(direction, n_layers, d_model, layers, " (the file's embedding length)")
+    directions = direction.detach().float().cpu().reshape(-1, d_model).expand(n_layers, d_model)
     scale = check_scale_or_schedule(scale, n_layers)
-    writers = _plan(source, directions, scale, include_embeddings, layers)
+    schedule = scale if isinstance(scale, Schedule) else Schedule.constant(n_layers, scale)
+    writers = _plan(source, schedule, selected, include_embeddings)
     _check_types(writers, requant)
     if isinstance(feedback_passes, bool) or not isinstance(feedback_passes, int) or feedback_passes < 0:
         raise ValueError(f"feedback_passes must be a non-negative int, got {feedback_passes!r}")
     options = _EditOptions(requant, feedback_passes)
-    targets = {w.tensor.name: _target(w, directions) for w in writers}
-    schedule = scale if isinstance(scale, Schedule) else Schedule.constant(n_layers, scale)
-    by_name = {w.tensor.name: w for w in writers}
-    changed: dict[str, str] = {}
     requantized = [w.tensor.name for w in writers if _needs_requant(w)]
     if requantized:
         warnings.warn(f"re-encoding {', '.join(requantized)} as {requant}: their types have no edit", stacklevel=2)
-    outputs = [_output(source, t, by_name.get(t.name), targets, schedule, options, changed) for t in source.tensors]
+    by_name = {w.tensor.name: w for w in writers}
+    outputs = [_output(source, t, by_name.get(t.name), directions, schedule, options) for t in source.tensors]
     embedding = source.tensor("token_embd.weight")
     untie = source.tensor(TIED_HEAD) is None and embedding is not None and embedding.name in by_name
     if untie:
         outputs.append(container.OutputTensor(TIED_HEAD, embedding.type, embedding.shape, source=embedding))
     record = _edit_record(scale, layer, position, include_embeddings, feedback_passes)
     container.write(source, dst, outputs, record)
-    return GGUFEdit(dst, changed, untie)
+    return GGUFEdit(dst, {o.name: o.type.name for o in outputs if o.make is not None}, untie)
 
 
 def _needs_requant(writer: GGUFWriter) -> bool:
     return writer.tensor.type not in DENSE_TYPES and writer.tensor.type.name not in blocks.FORMATS
 
 
-def _output(source, tensor, writer, targets, schedule, options, changed) -> container.OutputTensor:
+def _output(source, tensor, writer, directions, schedule, options) -> container.OutputTensor:
     """A source tensor as written: its bytes copied, or (a writer) edited when written."""
     if writer is None:
         return container.OutputTensor(tensor.name, tensor.type, tensor.shape, source=tensor)
     type_ = gguf.GGMLQuantizationType[options.requant] if _needs_requant(writer) else tensor.type
-    changed[tensor.name] = type_.name
+    direction = _target(writer, directions)
 
     def make() -> np.ndarray:
-        data = source.read_bytes(tensor)
-        edited, _ = _edited_bytes(writer, data, targets[tensor.name], schedule.scale_of(writer), options)
-        return edited
+        return _edited_bytes(writer, source.read_bytes(tensor), direction, schedule.scale_of(writer), options)
 
     return container.OutputTensor(tensor.name, type_, tensor.shape, make=make)

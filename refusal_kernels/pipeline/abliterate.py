@@ -103,34 +103,24 @@ class AbliterationReport:
         with this report's direction and scale, or its trial's direction and schedule (which
         leave the embeddings alone). A norm-preserving trial raises ValueError: the GGUF edit
         has no norm-preserving form."""
-        if self.trial is None:
-            direction = self.direction
-            return hf.orthogonalize_gguf(
-                src,
-                dst,
-                direction.direction,
-                scale=self.scale,
-                layer=direction.layer,
-                position=direction.position,
-                requant=requant,
-                feedback_passes=feedback_passes,
-            )
-        params = self.trial.search.trial(self.trial.number).params
-        if params.norm_preserving:
-            raise ValueError(
-                f"trial {self.trial.number} is norm-preserving, which the GGUF edit cannot do; "
-                "write it with --format hf"
-            )
-        search = self.trial.search
+        edit = {"scale": self.scale, "layer": self.direction.layer}
+        if self.trial is not None:  # self.direction is then the trial's
+            params = self.trial.search.trial(self.trial.number).params
+            if params.norm_preserving:
+                raise ValueError(
+                    f"trial {self.trial.number} is norm-preserving, which the GGUF edit cannot do; "
+                    "write it with --format hf"
+                )
+            schedule = trial_schedule(params, self.trial.search.n_layers)
+            edit = {"scale": schedule, "include_embeddings": False, "layer": None}
         return hf.orthogonalize_gguf(
             src,
             dst,
-            search.direction(self.trial.number),
-            scale=trial_schedule(params, search.n_layers),
-            include_embeddings=False,
-            position=search.position,
+            self.direction.direction,
+            position=self.direction.position,
             requant=requant,
             feedback_passes=feedback_passes,
+            **edit,
         )
 
     def save(self, out_dir: str | os.PathLike) -> Path:

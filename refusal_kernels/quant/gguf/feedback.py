@@ -24,7 +24,7 @@ from collections.abc import Iterator
 
 import torch
 
-from . import dequantize, orthogonalize_, quantize
+from . import FORMATS, dequantize, orthogonalize_, quantize
 
 # Rows dequantized at a time by the feedback passes.
 CHUNK_ROWS = 256
@@ -39,16 +39,12 @@ def _chunks(rows: int) -> Iterator[slice]:
 
 def _along(blocks: torch.Tensor, type_name: str, unit: torch.Tensor, layout: str) -> torch.Tensor:
     """The stored component along the unit direction: d^T W [row_length] ("matrix") or v.d per row."""
-    parts = []
-    total = None
+    if layout == "rows":
+        return torch.cat([dequantize(blocks[rows], type_name) @ unit for rows in _chunks(blocks.shape[0])])
+    total = torch.zeros(blocks.shape[1] // FORMATS[type_name][1] * FORMATS[type_name][0])
     for rows in _chunks(blocks.shape[0]):
-        values = dequantize(blocks[rows], type_name)
-        if layout == "matrix":
-            part = unit[rows] @ values
-            total = part if total is None else total + part
-        else:
-            parts.append(values @ unit)
-    return total if layout == "matrix" else torch.cat(parts)
+        total += unit[rows] @ dequantize(blocks[rows], type_name)
+    return total
 
 
 def _requantize_(blocks, original, type_name, unit, projection, layout) -> None:
