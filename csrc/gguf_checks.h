@@ -47,7 +47,7 @@ inline int64_t check_gguf_blocks(const at::Tensor& blocks, const GgufBlock& bloc
 }
 
 inline GgufShape check_gguf(const at::Tensor& blocks, const at::Tensor& direction, double scale,
-                            c10::string_view layout, const GgufBlock& block) {
+                            c10::string_view layout, int64_t passes, const GgufBlock& block) {
   const int64_t blocks_per_row = check_gguf_blocks(blocks, block);
   TORCH_CHECK_VALUE(layout == "matrix" || layout == "rows", "layout must be 'matrix' or 'rows', got '",
                     std::string(layout), "'");
@@ -59,6 +59,7 @@ inline GgufShape check_gguf(const at::Tensor& blocks, const at::Tensor& directio
   }
   check_same_device(direction, "direction", blocks, "blocks");
   check_scale(scale);
+  TORCH_CHECK_VALUE(passes >= 0, "passes must be a non-negative int, got ", passes);
   return {blocks_per_row, kind};
 }
 

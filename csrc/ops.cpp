@@ -40,16 +40,33 @@ TORCH_LIBRARY(refusal, m) {
       "Tensor(c!)? nested_absmax, Tensor(d!)? nested_offset, Tensor? nested_code, int nested_blocksize=256, "
       "float scale=1.0) -> ()");
   // orthogonalize on a tensor's GGUF blocks (uint8 [rows, bytes_per_row]), one op per block type,
-  // requantized in their own type; layout "matrix" (W [out][in]) or "rows" (token embeddings).
+  // requantized in their own type; layout "matrix" (W [out][in]) or "rows" (token embeddings);
+  // `passes` feedback passes after the plain edit (refusal_kernels/quant/gguf/feedback.py).
   // Layouts: refusal_kernels/quant/gguf/{legacy,kquants}.py.
-  m.def("orthogonalize_q4_0(Tensor(a!) blocks, Tensor direction, float scale=1.0, str layout=\"matrix\") -> ()");
-  m.def("orthogonalize_q4_1(Tensor(a!) blocks, Tensor direction, float scale=1.0, str layout=\"matrix\") -> ()");
-  m.def("orthogonalize_q5_0(Tensor(a!) blocks, Tensor direction, float scale=1.0, str layout=\"matrix\") -> ()");
-  m.def("orthogonalize_q5_1(Tensor(a!) blocks, Tensor direction, float scale=1.0, str layout=\"matrix\") -> ()");
-  m.def("orthogonalize_q8_0(Tensor(a!) blocks, Tensor direction, float scale=1.0, str layout=\"matrix\") -> ()");
-  m.def("orthogonalize_q4_k(Tensor(a!) blocks, Tensor direction, float scale=1.0, str layout=\"matrix\") -> ()");
-  m.def("orthogonalize_q5_k(Tensor(a!) blocks, Tensor direction, float scale=1.0, str layout=\"matrix\") -> ()");
-  m.def("orthogonalize_q6_k(Tensor(a!) blocks, Tensor direction, float scale=1.0, str layout=\"matrix\") -> ()");
+  m.def(
+      "orthogonalize_q4_0(Tensor(a!) blocks, Tensor direction, float scale=1.0, str layout=\"matrix\", "
+      "int passes=0) -> ()");
+  m.def(
+      "orthogonalize_q4_1(Tensor(a!) blocks, Tensor direction, float scale=1.0, str layout=\"matrix\", "
+      "int passes=0) -> ()");
+  m.def(
+      "orthogonalize_q5_0(Tensor(a!) blocks, Tensor direction, float scale=1.0, str layout=\"matrix\", "
+      "int passes=0) -> ()");
+  m.def(
+      "orthogonalize_q5_1(Tensor(a!) blocks, Tensor direction, float scale=1.0, str layout=\"matrix\", "
+      "int passes=0) -> ()");
+  m.def(
+      "orthogonalize_q8_0(Tensor(a!) blocks, Tensor direction, float scale=1.0, str layout=\"matrix\", "
+      "int passes=0) -> ()");
+  m.def(
+      "orthogonalize_q4_k(Tensor(a!) blocks, Tensor direction, float scale=1.0, str layout=\"matrix\", "
+      "int passes=0) -> ()");
+  m.def(
+      "orthogonalize_q5_k(Tensor(a!) blocks, Tensor direction, float scale=1.0, str layout=\"matrix\", "
+      "int passes=0) -> ()");
+  m.def(
+      "orthogonalize_q6_k(Tensor(a!) blocks, Tensor direction, float scale=1.0, str layout=\"matrix\", "
+      "int passes=0) -> ()");
 }
 
 namespace {

@@ -350,11 +350,17 @@ def check_gguf_blocks(blocks: torch.Tensor, type_name: str, values_per_block: in
     return blocks.shape[1] // bytes_per_block * values_per_block
 
 
+def check_passes(passes: int) -> None:
+    if isinstance(passes, bool) or not isinstance(passes, int) or passes < 0:
+        raise ValueError(f"passes must be a non-negative int, got {passes!r}")
+
+
 def check_gguf(
     blocks: torch.Tensor,
     direction: torch.Tensor,
     scale: float,
     layout: str,
+    passes: int,
     type_name: str,
     values_per_block: int,
     bytes_per_block: int,
@@ -362,6 +368,7 @@ def check_gguf(
     """The metadata of refusal::orthogonalize_<type>; returns the row length in values."""
     row_length = check_gguf_blocks(blocks, type_name, values_per_block, bytes_per_block)
     check_gguf_arguments(blocks, row_length, direction, scale, layout)
+    check_passes(passes)
     return row_length
 
 

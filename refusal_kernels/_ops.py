@@ -89,8 +89,8 @@ def _(
 def _register_gguf_fake(type_name: str) -> None:
     values_per_block, bytes_per_block = GGUF_FORMATS[type_name]
 
-    def fake(blocks, direction, scale=1.0, layout="matrix"):
-        _checks.check_gguf(blocks, direction, scale, layout, type_name, values_per_block, bytes_per_block)
+    def fake(blocks, direction, scale=1.0, layout="matrix", passes=0):
+        _checks.check_gguf(blocks, direction, scale, layout, passes, type_name, values_per_block, bytes_per_block)
 
     torch.library.register_fake(f"refusal::orthogonalize_{type_name.lower()}", fake)
 

@@ -24,7 +24,7 @@ from tolerances import assert_close
 import refusal_kernels as rk
 from refusal_kernels import reference
 from refusal_kernels.quant import gguf
-from refusal_kernels.quant.gguf import kquants, legacy
+from refusal_kernels.quant.gguf import feedback, kquants, legacy
 
 REFERENCES = {
     "ablate": reference.ablate,
@@ -289,9 +289,9 @@ def _gguf_api(type_name: str, blocks: torch.Tensor, *args, **kwargs) -> torch.Te
 
 
 def _gguf_reference(type_name: str):
-    def orthogonalized(blocks, direction, scale=1.0, layout="matrix"):
+    def orthogonalized(blocks, direction, scale=1.0, layout="matrix", passes=0):
         out = blocks.clone()
-        _gguf_module(type_name).orthogonalize_reference_(out, type_name, direction, scale, layout)
+        feedback.orthogonalize_reference_(_gguf_module(type_name), out, type_name, direction, scale, layout, passes)
         return out
 
     return orthogonalized
@@ -351,41 +351,45 @@ def _gguf_blocks(type_name: str):
     return build
 
 
-def _gguf_direction(type_name: str, layout: str, scale: float, dtype: torch.dtype):
+def _gguf_direction(type_name: str, layout: str, scale: float, dtype: torch.dtype, passes: int):
     values_per_block, bytes_per_block = gguf.FORMATS[type_name]
 
     def rest(blocks: torch.Tensor, generator: torch.Generator) -> tuple:
         length = blocks.shape[0] if layout == "matrix" else blocks.shape[1] // bytes_per_block * values_per_block
-        return torch.randn(length, generator=generator).to(dtype), scale, layout
+        return torch.randn(length, generator=generator).to(dtype), scale, layout, passes
 
     return rest
 
 
-# (name, rows, blocks per row, layout, scale, direction dtype). Rows: one, a few and 33 (the CPU
-# kernel splits "matrix" over block columns and "rows" over rows); one block per row, three, and
-# many (129 legacy blocks, 17 super-blocks: past any per-block fast path).
+# (name, rows, blocks per row, layout, scale, direction dtype, feedback passes). Rows: one, a few
+# and 33 (the CPU kernel splits "matrix" over block columns and "rows" over rows); one block per
+# row, three, and many (129 legacy blocks, 17 super-blocks: past any per-block fast path).
 GGUF_CASES = [
-    ("matrix-1x1", 1, 1, "matrix", 1.0, torch.float32),
-    ("matrix-7x3", 7, 3, "matrix", 0.5, torch.float32),
-    ("matrix-33xmany", 33, None, "matrix", 2.0, torch.float32),
-    ("rows-1x1", 1, 1, "rows", 1.0, torch.float32),
-    ("rows-7x3", 7, 3, "rows", 1.0, torch.float32),
-    ("rows-33xmany", 33, None, "rows", 0.5, torch.float32),
-    ("matrix-7x3-f16-direction", 7, 3, "matrix", 1.0, torch.float16),
-    ("matrix-7x3-f64-direction", 7, 3, "matrix", 1.0, torch.float64),
-    ("rows-7x3-bf16-direction", 7, 3, "rows", 1.0, torch.bfloat16),
-    ("rows-empty", 0, 3, "rows", 1.0, torch.float32),
+    ("matrix-1x1", 1, 1, "matrix", 1.0, torch.float32, 0),
+    ("matrix-7x3", 7, 3, "matrix", 0.5, torch.float32, 0),
+    ("matrix-33xmany", 33, None, "matrix", 2.0, torch.float32, 0),
+    ("rows-1x1", 1, 1, "rows", 1.0, torch.float32, 0),
+    ("rows-7x3", 7, 3, "rows", 1.0, torch.float32, 0),
+    ("rows-33xmany", 33, None, "rows", 0.5, torch.float32, 0),
+    ("matrix-7x3-f16-direction", 7, 3, "matrix", 1.0, torch.float16, 0),
+    ("matrix-7x3-f64-direction", 7, 3, "matrix", 1.0, torch.float64, 0),
+    ("rows-7x3-bf16-direction", 7, 3, "rows", 1.0, torch.bfloat16, 0),
+    ("rows-empty", 0, 3, "rows", 1.0, torch.float32, 0),
+    ("matrix-33xmany-2-passes", 33, None, "matrix", 1.0, torch.float32, 2),
+    ("matrix-7x3-1-pass-half-scale", 7, 3, "matrix", 0.5, torch.float32, 1),
+    ("rows-33xmany-2-passes", 33, None, "rows", 1.0, torch.float32, 2),
+    ("rows-empty-2-passes", 0, 3, "rows", 1.0, torch.float32, 2),
 ]
 GGUF = [
     Sample(
         op,
         name,
         (rows, (blocks or (17 if type_name in kquants.FORMATS else 129)) * gguf.FORMATS[type_name][0]),
-        _gguf_direction(type_name, layout, scale, dtype),
+        _gguf_direction(type_name, layout, scale, dtype, passes),
         interpret=False,  # no Triton kernel
         build_buffer=_gguf_blocks(type_name),
     )
     for op, type_name in GGUF_TYPES.items()
-    for name, rows, blocks, layout, scale, dtype in GGUF_CASES
+    for name, rows, blocks, layout, scale, dtype, passes in GGUF_CASES
 ]
 SAMPLES = ABLATE + ABLATE_INDEXED + ORTHOGONALIZE + NORM_PRESERVING + LARGE + GGUF

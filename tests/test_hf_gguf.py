@@ -215,7 +215,7 @@ def test_an_interrupted_write_leaves_no_file(tmp_path, monkeypatch):
     src = write(tmp_path / "src.gguf")
     calls = []
 
-    edit = hf_gguf.feedback.orthogonalize_with_feedback_
+    edit = hf_gguf.blocks.orthogonalize_
 
     def interrupted(*args, **kwargs):
         calls.append(1)
@@ -223,7 +223,7 @@ def test_an_interrupted_write_leaves_no_file(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return edit(*args, **kwargs)
 
-    monkeypatch.setattr(hf_gguf.feedback, "orthogonalize_with_feedback_", interrupted)
+    monkeypatch.setattr(hf_gguf.blocks, "orthogonalize_", interrupted)
     with pytest.raises(KeyboardInterrupt):
         orthogonalize_gguf(src, tmp_path / "out.gguf", _direction())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src.gguf"]

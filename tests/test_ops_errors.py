@@ -256,10 +256,10 @@ def _gguf_cases(op: str, type_name: str) -> dict:
     blocks = functools.partial(_gguf_blocks, type_name)
     large = functools.partial(_gguf_blocks, type_name, 100.0)
 
-    def call(direction=None, scale=1.0, layout="matrix", view=lambda b: b):
+    def call(direction=None, scale=1.0, layout="matrix", view=lambda b: b, passes=0):
         def run_op(ops, b):
             d = torch.randn(GGUF_ROWS) if direction is None else direction
-            return getattr(ops, f"{op}_")(view(b), d, scale, layout)
+            return getattr(ops, f"{op}_")(view(b), d, scale, layout, passes)
 
         return run_op
 
@@ -284,6 +284,7 @@ def _gguf_cases(op: str, type_name: str) -> dict:
         "NaN scale": (blocks, call(scale=float("nan")), ValueError, "scale"),
         "infinite scale": (blocks, call(scale=float("inf")), ValueError, "scale"),
         "unknown layout": (blocks, call(layout="columns"), ValueError, "layout"),
+        "negative passes": (blocks, call(passes=-1), ValueError, "passes"),
         # Data every entry point reads: the values themselves.
         "a block with an infinite d": (
             functools.partial(_with_infinite_scale, type_name),

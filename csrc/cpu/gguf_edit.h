@@ -6,7 +6,10 @@
 //      order), "rows" p_r = v_r . d; then every value the update will produce is known finite;
 //   2. each block is dequantized again, updated (value j of row r loses factor[r] * along[j])
 //      and requantized with fresh scales into the same bytes.
-// Extra memory: c (or p) and one block of floats per worker.
+// Extra memory: c (or p) and one block of floats per worker. With feedback passes
+// (refusal_kernels/quant/gguf/feedback.py), a copy of the original bytes too: each pass reads
+// what the blocks now store along d (stream 1) and requantizes the original values minus d times
+// the grown projection (stream 2, from the copy).
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -68,14 +71,19 @@ struct Update {
   float max_abs;  // the largest |value| before the update
 };
 
+// What the blocks store along d: "matrix" c = d^T W [row length], "rows" p_r = v_r . d [rows].
+struct Component {
+  std::vector<float> values;
+  float max_abs;  // the largest |value| read
+};
+
 template <typename Codec>
 const uint8_t* block_at(const Blocks& b, int64_t row, int64_t k) {
   return b.bytes + (row * b.per_row + k) * Codec::kBytes;
 }
 
-// "matrix": factor = scale * d, along = c = d^T W.
 template <typename Codec>
-Update column_update(const Blocks& b, const float* d, float scale) {
+Component column_component(const Blocks& b, const float* d) {
   constexpr int V = Codec::kValues;
   std::vector<float> c(b.per_row * V, 0.f);
   std::vector<float> column_max(b.per_row, 0.f);
@@ -94,16 +102,13 @@ Update column_update(const Blocks& b, const float* d, float scale) {
       }
     }
   });
-  std::vector<float> factor(b.rows);
-  for (int64_t i = 0; i < b.rows; ++i) factor[i] = scale * d[i];
-  return {std::move(factor), std::move(c), *std::max_element(column_max.begin(), column_max.end())};
+  return {std::move(c), *std::max_element(column_max.begin(), column_max.end())};
 }
 
-// "rows": factor = scale * (v_r . d), along = d.
 template <typename Codec>
-Update row_update(const Blocks& b, const float* d, float scale) {
+Component row_component(const Blocks& b, const float* d) {
   constexpr int V = Codec::kValues;
-  std::vector<float> factor(b.rows);
+  std::vector<float> p(b.rows);
   std::vector<float> row_max(b.rows);
   at::parallel_for(0, b.rows, 1, [&](int64_t begin, int64_t end) {
     float values[V];
@@ -115,27 +120,53 @@ Update row_update(const Blocks& b, const float* d, float scale) {
         dot_d += dot(values, d + k * V, V);
         for (int j = 0; j < V; ++j) top = std::max(top, std::fabs(values[j]));
       }
-      factor[r] = scale * dot_d;
+      p[r] = dot_d;
       row_max[r] = top;
     }
   });
-  return {std::move(factor), std::vector<float>(d, d + b.per_row * V),
-          *std::max_element(row_max.begin(), row_max.end())};
+  return {std::move(p), *std::max_element(row_max.begin(), row_max.end())};
 }
 
-// visit(values, block) for every block, with values its updated floats.
+template <typename Codec>
+Component component_of(const Blocks& b, const float* d, GgufLayout layout) {
+  return layout == GgufLayout::kMatrix ? column_component<Codec>(b, d) : row_component<Codec>(b, d);
+}
+
+inline std::vector<float> scaled(const std::vector<float>& values, float scale) {
+  std::vector<float> out(values.size());
+  for (size_t k = 0; k < values.size(); ++k) out[k] = scale * values[k];
+  return out;
+}
+
+// The plain edit: "matrix" factor = scale * d, along = c; "rows" factor = scale * p, along = d.
+inline Update plain_update(const Blocks& b, int64_t row_length, const float* d, float scale, GgufLayout layout,
+                           const Component& component) {
+  if (layout == GgufLayout::kMatrix) {
+    return {scaled(std::vector<float>(d, d + b.rows), scale), component.values, component.max_abs};
+  }
+  return {scaled(component.values, scale), std::vector<float>(d, d + row_length), component.max_abs};
+}
+
+// A feedback pass: value j of row r loses d_r * a_j ("matrix") or a_r * d_j ("rows").
+inline Update projection_update(const Blocks& b, int64_t row_length, const float* d, GgufLayout layout,
+                                const std::vector<float>& projection, float max_abs) {
+  if (layout == GgufLayout::kMatrix) return {std::vector<float>(d, d + b.rows), projection, max_abs};
+  return {projection, std::vector<float>(d, d + row_length), max_abs};
+}
+
+// visit(values, block) for every block of target, with values the updated floats of the
+// same block in source (which may be target itself).
 template <typename Codec, typename Visit>
-void for_each_updated_block(const Blocks& b, const Update& u, const Visit& visit) {
+void for_each_updated_block(const Blocks& source, uint8_t* target, const Update& u, const Visit& visit) {
   constexpr int V = Codec::kValues;
-  at::parallel_for(0, b.rows * b.per_row, std::max(1, 2048 / V), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, source.rows * source.per_row, std::max(1, 2048 / V), [&](int64_t begin, int64_t end) {
     float values[V];
     for (int64_t n = begin; n < end; ++n) {
-      uint8_t* block = b.bytes + n * Codec::kBytes;
-      Codec::dequantize(block, values);
-      const float a = u.factor[n / b.per_row];
-      const float* along = u.along.data() + (n % b.per_row) * V;
+      Codec::dequantize(source.bytes + n * Codec::kBytes, values);
+      const float a = u.factor[n / source.per_row];
+      const float* along = u.along.data() + (n % source.per_row) * V;
       for (int j = 0; j < V; ++j) values[j] -= a * along[j];
-      visit(values, block);
+      visit(values, target + n * Codec::kBytes);
     }
   });
 }
@@ -144,11 +175,11 @@ inline bool all_finite(const std::vector<float>& values) {
   return std::all_of(values.begin(), values.end(), [](float v) { return std::isfinite(v); });
 }
 
-// Every updated value is finite, or ValueError before the first write (the reference raises
-// too). A non-finite value (an inf or NaN scale in the bytes) makes its c_j or p_r non-finite;
-// past that, only a huge scale can overflow, and only then are the values computed to see.
+// Whether every updated value is finite. A non-finite value (an inf or NaN scale in the bytes)
+// makes its c_j or p_r non-finite; past that, only a huge scale can overflow, and only then are
+// the values computed to see.
 template <typename Codec>
-void check_update_finite(const Blocks& b, const Update& u) {
+bool update_finite(const Blocks& b, const Update& u) {
   bool finite = all_finite(u.factor) && all_finite(u.along);
   auto largest = [](const std::vector<float>& v) {
     double top = 0.0;
@@ -157,26 +188,66 @@ void check_update_finite(const Blocks& b, const Update& u) {
   };
   if (finite && largest(u.factor) * largest(u.along) + u.max_abs > FLT_MAX / 2) {
     std::atomic<bool> all(true);
-    for_each_updated_block<Codec>(b, u, [&](const float* values, const uint8_t*) {
+    for_each_updated_block<Codec>(b, b.bytes, u, [&](const float* values, const uint8_t*) {
       if (!std::all_of(values, values + Codec::kValues, [](float v) { return std::isfinite(v); })) all = false;
     });
     finite = all;
   }
-  TORCH_CHECK_VALUE(finite, "blocks must dequantize to finite values that stay finite in float32 after the update");
+  return finite;
+}
+
+constexpr const char* kNotFinite = "blocks must dequantize to finite values that stay finite in float32 after the update";
+
+template <typename Codec>
+void requantize(const Blocks& source, uint8_t* target, const Update& u) {
+  for_each_updated_block<Codec>(source, target, u, [](const float* values, uint8_t* block) {
+    Codec::quantize(values, block);
+  });
+}
+
+// `passes` feedback passes after the plain edit of b, whose original bytes are `original`:
+//   projection <- projection + (what b stores along d - kept); b <- quantize(W0 - d projection),
+// starting from projection = scale c, kept = (1 - scale) c, as the reference does. A pass whose
+// values would not be finite puts the original bytes back and raises.
+template <typename Codec>
+void feedback_passes(const Blocks& b, const Blocks& original, int64_t row_length, const float* d, float scale,
+                     GgufLayout layout, const Component& component, int64_t passes) {
+  const std::vector<float> kept = scaled(component.values, 1.f - scale);
+  std::vector<float> projection = scaled(component.values, scale);
+  for (int64_t pass = 0; pass < passes; ++pass) {
+    const Component stored = component_of<Codec>(b, d, layout);
+    for (size_t k = 0; k < projection.size(); ++k) projection[k] = projection[k] + (stored.values[k] - kept[k]);
+    const Update u = projection_update(b, row_length, d, layout, projection, component.max_abs);
+    if (!update_finite<Codec>(original, u)) {
+      std::memcpy(b.bytes, original.bytes, b.rows * b.per_row * Codec::kBytes);
+      TORCH_CHECK_VALUE(false, kNotFinite);
+    }
+    requantize<Codec>(original, b.bytes, u);
+  }
 }
 
 template <typename Codec>
-void orthogonalize(at::Tensor& blocks, const at::Tensor& direction, double scale, c10::string_view layout) {
+void orthogonalize(at::Tensor& blocks, const at::Tensor& direction, double scale, c10::string_view layout,
+                   int64_t passes) {
   const GgufShape shape =
-      check_gguf(blocks, direction, scale, layout, {Codec::kName, Codec::kValues, Codec::kBytes});
+      check_gguf(blocks, direction, scale, layout, passes, {Codec::kName, Codec::kValues, Codec::kBytes});
   const at::Tensor unit = normalized_rows(direction, "direction");
   const Blocks b{blocks.mutable_data_ptr<uint8_t>(), blocks.size(0), shape.blocks_per_row};
   if (b.rows == 0 || b.per_row == 0) return;
+  const int64_t row_length = b.per_row * Codec::kValues;
   const float* d = unit.const_data_ptr<float>();
   const float s = static_cast<float>(scale);
-  const Update u = shape.layout == GgufLayout::kMatrix ? column_update<Codec>(b, d, s) : row_update<Codec>(b, d, s);
-  check_update_finite<Codec>(b, u);
-  for_each_updated_block<Codec>(b, u, [](const float* values, uint8_t* block) { Codec::quantize(values, block); });
+  const Component component = component_of<Codec>(b, d, shape.layout);
+  const Update u = plain_update(b, row_length, d, s, shape.layout, component);
+  // Every updated value is finite, or ValueError before the first write (the reference raises too).
+  TORCH_CHECK_VALUE(update_finite<Codec>(b, u), kNotFinite);
+  std::vector<uint8_t> original_bytes;
+  if (passes > 0) original_bytes.assign(b.bytes, b.bytes + b.rows * b.per_row * Codec::kBytes);
+  requantize<Codec>(b, b.bytes, u);
+  if (passes > 0) {
+    const Blocks original{original_bytes.data(), b.rows, b.per_row};
+    feedback_passes<Codec>(b, original, row_length, d, s, shape.layout, component, passes);
+  }
 }
 
 }  // namespace refusal::cpu::gguf

@@ -10,7 +10,7 @@ import torch
 
 from .. import _checks, reference
 from ..quant import awq, fp8, gptq, int8, nf4
-from ..quant.gguf import kquants, legacy
+from ..quant.gguf import feedback, kquants, legacy
 
 
 def ablate_(x: torch.Tensor, direction: torch.Tensor, scale: float = 1.0) -> None:
@@ -43,10 +43,10 @@ def orthogonalize_nf4_(
 
 
 def _gguf_kernel(module, type_name: str):
-    """refusal::orthogonalize_<type_name> through `module`'s reference."""
+    """refusal::orthogonalize_<type_name> through `module`'s reference, with its feedback passes."""
 
-    def orthogonalize_gguf_(blocks, direction, scale=1.0, layout="matrix") -> None:
-        module.orthogonalize_reference_(blocks, type_name, direction, scale, layout)
+    def orthogonalize_gguf_(blocks, direction, scale=1.0, layout="matrix", passes=0) -> None:
+        feedback.orthogonalize_reference_(module, blocks, type_name, direction, scale, layout, passes)
 
     return orthogonalize_gguf_
 

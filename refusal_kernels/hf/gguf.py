@@ -151,28 +151,34 @@ def _edited_values(values: torch.Tensor, writer: GGUFWriter, direction: torch.Te
         ops.orthogonalize_(expert, direction, scale)
 
 
+def _edited_blocks_(raw: torch.Tensor, type_name: str, writer: GGUFWriter, direction, scale, passes: int) -> None:
+    """The edit of a writer's blocks [rows, bytes_per_row] of a block format, in place."""
+    d_model = direction.numel() if writer.layout == "matrix" else raw.shape[0]
+    for part in raw.view(-1, d_model, raw.shape[-1]):
+        blocks.orthogonalize_(part, type_name, direction, scale, writer.layout, passes)
+
+
 def _edited_bytes(
     writer: GGUFWriter, data: np.ndarray, direction: torch.Tensor, scale: float, options: _EditOptions
 ) -> np.ndarray:
-    """The writer's new bytes [rows, bytes_per_row], in its own type or (a type with no edit) options.requant."""
-    requant = options.requant
+    """The writer's new bytes [rows, bytes_per_row], in its own type or (a type with no edit)
+    re-encoded as options.requant and then edited in that type."""
     type_ = writer.tensor.type
-    if type_ in DENSE_TYPES:
+    if type_ in DENSE_TYPES or type_.name in blocks.FORMATS:
         raw = torch.from_numpy(data)
-        _edited_values(raw.view(DENSE_TYPES[type_]), writer, direction, scale)
-        return raw.numpy()
-    if type_.name in blocks.FORMATS:
-        raw = torch.from_numpy(data)
-        d_model = direction.numel() if writer.layout == "matrix" else raw.shape[0]
-        for part in raw.view(-1, d_model, raw.shape[-1]):
-            feedback.orthogonalize_with_feedback_(part, type_.name, direction, scale, writer.layout, options.passes)
+        if type_ in DENSE_TYPES:
+            _edited_values(raw.view(DENSE_TYPES[type_]), writer, direction, scale)
+        else:
+            _edited_blocks_(raw, type_.name, writer, direction, scale, options.passes)
         return raw.numpy()
     values = torch.from_numpy(np.ascontiguousarray(gguf.quants.dequantize(data, type_), dtype=np.float32))
     values = values.reshape(writer.tensor.rows, -1)
+    if options.requant in blocks.FORMATS:
+        raw = blocks.quantize(values, options.requant)
+        _edited_blocks_(raw, options.requant, writer, direction, scale, options.passes)
+        return raw.numpy()
     _edited_values(values, writer, direction, scale)
-    if requant in blocks.FORMATS:
-        return blocks.quantize(values, requant).numpy()
-    return values.to(DENSE_TYPES[gguf.GGMLQuantizationType[requant]]).view(torch.uint8).numpy()
+    return values.to(DENSE_TYPES[gguf.GGMLQuantizationType[options.requant]]).view(torch.uint8).numpy()
 
 
 def _edit_record(
@@ -238,8 +244,9 @@ def orthogonalize_gguf(
         layers: only the writers of these layers.
         layer, position: where the direction was found, recorded in the metadata.
         requant: the GGML type (e.g. "Q8_0") to re-encode writers whose type has no edit
-            here (I-quants, TQ, MXFP4), with a warning naming them; without it
-            such a writer raises TypeError naming the tensor and its type.
+            here (I-quants, TQ, MXFP4), with a warning naming them; each is then edited in
+            that type, feedback passes included. Without it such a writer raises TypeError
+            naming the tensor and its type.
         feedback_passes: requantization passes after the plain edit of each block-format
             writer, which take out the component along the direction that rounding to the
             new grid keeps (`quant.gguf.feedback`); 0 is the plain edit, llama.cpp's

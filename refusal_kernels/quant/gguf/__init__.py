@@ -11,16 +11,16 @@ fresh scales, written back into the same bytes):
 
 `orthogonalize_` edits the blocks of any of these types through the op of its type,
 `refusal::orthogonalize_<type>` (a fused C++ kernel on CPU; the reference is its fallback),
-except Q2_K and Q3_K, which have no op yet and run their reference; `dequantize` and
-`quantize` pick the type's module.
+except Q2_K and Q3_K, which have no op yet and run their reference; its `passes` are the
+feedback passes of `feedback`. `dequantize` and `quantize` pick the type's module.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..._checks import check_direction_once
-from . import kquants, kquants_low, legacy
+from ..._checks import check_direction_once, check_passes
+from . import feedback, kquants, kquants_low, legacy
 from ._blocks import LAYOUTS
 
 _MODULES = {type_name: module for module in (legacy, kquants, kquants_low) for type_name in module.FORMATS}
@@ -49,7 +49,12 @@ def quantize(values: torch.Tensor, type_name: str) -> torch.Tensor:
 
 
 def orthogonalize_(
-    blocks: torch.Tensor, type_name: str, direction: torch.Tensor, scale: float = 1.0, layout: str = "matrix"
+    blocks: torch.Tensor,
+    type_name: str,
+    direction: torch.Tensor,
+    scale: float = 1.0,
+    layout: str = "matrix",
+    passes: int = 0,
 ) -> torch.Tensor:
     """Orthogonalize a GGUF tensor's blocks against `direction` in place, in their own type.
 
@@ -59,14 +64,16 @@ def orthogonalize_(
     layout "rows": each row is a d_model vector (token embeddings), v <- v - scale (v.d) d,
         direction of length row_length.
     Every block is requantized with a fresh scale (and min), as `quantize` would from the
-    updated floats. Runs `torch.ops.refusal.orthogonalize_<type_name lowercased>`: the fused
+    updated floats. `passes` feedback passes follow (`feedback`: the stored component along
+    d shrinks with each; they hold a copy of the original bytes). Runs `torch.ops.refusal.orthogonalize_<type_name lowercased>`: the fused
     kernel on CPU, the reference elsewhere. Bad arguments raise ValueError/TypeError naming the
     argument before anything is written. Returns blocks.
     """
     module = _module(type_name)
     if type_name not in OP_FORMATS:
-        module.orthogonalize_reference_(blocks, type_name, direction, scale, layout)
+        feedback.orthogonalize_reference_(module, blocks, type_name, direction, scale, layout, passes)
         return blocks
+    check_passes(passes)  # before torch.ops, which would take a bool or a float for an int
     check_direction_once(direction, blocks)
-    getattr(torch.ops.refusal, f"orthogonalize_{type_name.lower()}")(blocks, direction, scale, layout)
+    getattr(torch.ops.refusal, f"orthogonalize_{type_name.lower()}")(blocks, direction, scale, layout, passes)
     return blocks

@@ -6,25 +6,30 @@ it came from, so a plain requantization (what llama.cpp's quantizer does to the 
 keeps much of the component along d: on the default model's writers, for a random direction,
 about 8 % (Q6_K) to 60 % (Q4_K) of it (README).
 
-`orthogonalize_with_feedback_` makes that plain edit (`orthogonalize_`, the format's fused op)
-and then `passes` more, each requantizing the original values minus d times a projection that
-grows by what the last result still held along d:
+The `passes` argument of every GGUF edit (`quant.gguf.orthogonalize_`, the ops
+`refusal::orthogonalize_<type>`) makes the plain edit and then `passes` more, each requantizing
+the original values minus d times a projection that grows by what the last result still held
+along d:
 
     target = W0 - d a^T,  a = s c + sum_k (d^T Q_k - (1 - s) c),  c = d^T W0
 
 (the same per row v for the "rows" layout). The target stays off the grid, so the feedback
 accumulates instead of being rounded away, and the stored component along d shrinks with each
-pass, at a small cost in the error against the fp32 edit (README). The passes work on chunks of
-rows, from a copy of the original bytes: extra memory is that copy and O(chunk) fp32.
+pass, at a small cost in the error against the fp32 edit (README).
+
+`orthogonalize_reference_` is the pure-torch version, the reference of the ops' passes and the
+edit of the types without an op. Its passes work on chunks of rows, from a copy of the original
+bytes: extra memory is that copy and O(chunk) fp32, as in the C++ kernels.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from types import ModuleType
 
 import torch
 
-from . import FORMATS, dequantize, orthogonalize_, quantize
+from ..._checks import check_passes
 
 # Rows dequantized at a time by the feedback passes.
 CHUNK_ROWS = 256
@@ -34,54 +39,53 @@ DEFAULT_PASSES = 2
 
 
 def _chunks(rows: int) -> Iterator[slice]:
-    return (slice(start, start + CHUNK_ROWS) for start in range(0, rows, CHUNK_ROWS))
+    """Slices of CHUNK_ROWS rows; one (empty) slice for no rows, so that sums and concatenations have a term."""
+    return (slice(start, start + CHUNK_ROWS) for start in range(0, max(rows, 1), CHUNK_ROWS))
 
 
-def _along(blocks: torch.Tensor, type_name: str, unit: torch.Tensor, layout: str) -> torch.Tensor:
+def _along(blocks: torch.Tensor, codec: ModuleType, type_name: str, unit: torch.Tensor, layout: str) -> torch.Tensor:
     """The stored component along the unit direction: d^T W [row_length] ("matrix") or v.d per row."""
     if layout == "rows":
-        return torch.cat([dequantize(blocks[rows], type_name) @ unit for rows in _chunks(blocks.shape[0])])
-    total = torch.zeros(blocks.shape[1] // FORMATS[type_name][1] * FORMATS[type_name][0])
+        return torch.cat([codec.dequantize(blocks[rows], type_name) @ unit for rows in _chunks(blocks.shape[0])])
+    values_per_block, bytes_per_block = codec.FORMATS[type_name]
+    total = torch.zeros(blocks.shape[1] // bytes_per_block * values_per_block, device=blocks.device)
     for rows in _chunks(blocks.shape[0]):
-        total += unit[rows] @ dequantize(blocks[rows], type_name)
+        total += unit[rows] @ codec.dequantize(blocks[rows], type_name)
     return total
 
 
-def _requantize_(blocks, original, type_name, unit, projection, layout) -> None:
+def _requantize_(blocks, original, codec, type_name, unit, projection, layout) -> None:
     """blocks <- quantize(W0 - d a^T) ("matrix") or quantize(v0 - a_v d) per row, chunk by chunk."""
     for rows in _chunks(blocks.shape[0]):
-        values = dequantize(original[rows], type_name)
+        values = codec.dequantize(original[rows], type_name)
         if layout == "matrix":
             values -= torch.outer(unit[rows], projection)
         else:
             values -= torch.outer(projection[rows], unit)
-        blocks[rows] = quantize(values, type_name)
+        blocks[rows] = codec.quantize(values, type_name)
 
 
-def orthogonalize_with_feedback_(
+def orthogonalize_reference_(
+    codec: ModuleType,
     blocks: torch.Tensor,
     type_name: str,
     direction: torch.Tensor,
     scale: float = 1.0,
     layout: str = "matrix",
-    passes: int = DEFAULT_PASSES,
-) -> torch.Tensor:
-    """`orthogonalize_`, then `passes` feedback passes (see the module docstring); returns blocks.
-
-    passes=0 is the plain edit. Bad arguments raise ValueError/TypeError naming the argument
-    before anything is written (the plain edit checks the rest).
-    """
-    if isinstance(passes, bool) or not isinstance(passes, int) or passes < 0:
-        raise ValueError(f"passes must be a non-negative int, got {passes!r}")
+    passes: int = 0,
+) -> None:
+    """`codec.orthogonalize_reference_` (the plain edit of the format module `codec`), then
+    `passes` feedback passes (see the module docstring), in place. Bad arguments raise
+    ValueError/TypeError naming the argument before anything is written."""
+    check_passes(passes)
     original = blocks.clone() if passes else None
-    orthogonalize_(blocks, type_name, direction, scale, layout)
+    codec.orthogonalize_reference_(blocks, type_name, direction, scale, layout)
     if not passes:
-        return blocks
+        return
     unit = direction.detach().float()
     unit = unit / unit.norm()
-    component = _along(original, type_name, unit, layout)
+    component = _along(original, codec, type_name, unit, layout)
     kept, projection = (1 - scale) * component, scale * component
     for _ in range(passes):
-        projection = projection + (_along(blocks, type_name, unit, layout) - kept)
-        _requantize_(blocks, original, type_name, unit, projection, layout)
-    return blocks
+        projection = projection + (_along(blocks, codec, type_name, unit, layout) - kept)
+        _requantize_(blocks, original, codec, type_name, unit, projection, layout)
