@@ -18,7 +18,6 @@ import torch
 from conftest import peak_extra_memory_mib
 
 from refusal_kernels.quant import gguf
-from refusal_kernels.quant.gguf import kquants, legacy
 
 SHAPE = (4096, 14336)
 ROUNDS = {"refusal": 3, "eager": 1}
@@ -44,8 +43,7 @@ def problem():
 def test_orthogonalize_gguf(benchmark, problem, type_name, impl):
     blocks_of, direction = problem
     blocks = blocks_of(type_name)
-    module = legacy if type_name in legacy.FORMATS else kquants
-    op = {"refusal": gguf.orthogonalize_, "eager": module.orthogonalize_reference_}[impl]
+    op = {"refusal": gguf.orthogonalize_, "eager": gguf.module_of(type_name).orthogonalize_reference_}[impl]
 
     def fn():
         op(blocks, type_name, direction)

@@ -42,7 +42,7 @@ TORCH_LIBRARY(refusal, m) {
   // orthogonalize on a tensor's GGUF blocks (uint8 [rows, bytes_per_row]), one op per block type,
   // requantized in their own type; layout "matrix" (W [out][in]) or "rows" (token embeddings);
   // `passes` feedback passes after the plain edit (refusal_kernels/quant/gguf/feedback.py).
-  // Layouts: refusal_kernels/quant/gguf/{legacy,kquants}.py.
+  // Layouts: refusal_kernels/quant/gguf/{legacy,kquants,kquants_low}.py.
   m.def(
       "orthogonalize_q4_0(Tensor(a!) blocks, Tensor direction, float scale=1.0, str layout=\"matrix\", "
       "int passes=0) -> ()");
@@ -57,6 +57,12 @@ TORCH_LIBRARY(refusal, m) {
       "int passes=0) -> ()");
   m.def(
       "orthogonalize_q8_0(Tensor(a!) blocks, Tensor direction, float scale=1.0, str layout=\"matrix\", "
+      "int passes=0) -> ()");
+  m.def(
+      "orthogonalize_q2_k(Tensor(a!) blocks, Tensor direction, float scale=1.0, str layout=\"matrix\", "
+      "int passes=0) -> ()");
+  m.def(
+      "orthogonalize_q3_k(Tensor(a!) blocks, Tensor direction, float scale=1.0, str layout=\"matrix\", "
       "int passes=0) -> ()");
   m.def(
       "orthogonalize_q4_k(Tensor(a!) blocks, Tensor direction, float scale=1.0, str layout=\"matrix\", "

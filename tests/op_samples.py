@@ -16,15 +16,15 @@ import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import gguf as gguf_py
 import numpy as np
 import torch
+from kquant_cases import grid
 from tolerances import assert_close
 
 import refusal_kernels as rk
 from refusal_kernels import reference
 from refusal_kernels.quant import gguf
-from refusal_kernels.quant.gguf import feedback, kquants, legacy
+from refusal_kernels.quant.gguf import feedback, legacy
 
 REFERENCES = {
     "ablate": reference.ablate,
@@ -280,10 +280,6 @@ LARGE = [
 GGUF_TYPES = {f"orthogonalize_{type_name.lower()}": type_name for type_name in gguf.OP_FORMATS}
 
 
-def _gguf_module(type_name: str):
-    return legacy if type_name in legacy.FORMATS else kquants
-
-
 def _gguf_api(type_name: str, blocks: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     return gguf.orthogonalize_(blocks, type_name, *args, **kwargs)
 
@@ -291,7 +287,7 @@ def _gguf_api(type_name: str, blocks: torch.Tensor, *args, **kwargs) -> torch.Te
 def _gguf_reference(type_name: str):
     def orthogonalized(blocks, direction, scale=1.0, layout="matrix", passes=0):
         out = blocks.clone()
-        feedback.orthogonalize_reference_(_gguf_module(type_name), out, type_name, direction, scale, layout, passes)
+        feedback.orthogonalize_reference_(gguf.module_of(type_name), out, type_name, direction, scale, layout, passes)
         return out
 
     return orthogonalized
@@ -306,18 +302,14 @@ def _fp16_field(superblocks: np.ndarray, offset: int) -> np.ndarray:
 
 def gguf_steps(blocks: torch.Tensor, type_name: str) -> torch.Tensor:
     """fp64 [rows, row_length]: the spacing of the levels of each value's block (legacy: |d|) or
-    sub-block (K-quants: |d * sc|), read from the bytes (with gguf-py for the 6-bit scales)."""
+    sub-block (K-quants: |d| times the sub-block's scale, from tests/kquant_cases.py's `grid`)."""
     values_per_block, bytes_per_block = gguf.FORMATS[type_name]
-    grouped = blocks.cpu().numpy().reshape(-1, bytes_per_block)
-    if type_name in legacy.FORMATS:
-        spacing, per_value = np.abs(_fp16_field(grouped, 0)), values_per_block
-    elif type_name == "Q6_K":
-        spacing, per_value = np.abs(_fp16_field(grouped, 208) * grouped[:, 192:208].view(np.int8)), 16
-    else:
-        scales, _ = gguf_py.quants.Q4_K.get_scale_min(grouped[:, 4:16])
-        spacing, per_value = np.abs(_fp16_field(grouped, 0) * scales.reshape(-1, 8)), 32
     row_length = blocks.shape[1] // bytes_per_block * values_per_block
-    return torch.from_numpy(np.repeat(spacing, per_value, axis=1)).reshape(blocks.shape[0], row_length)
+    if type_name not in legacy.FORMATS:
+        # All blocks as one row: grid infers the row length, which it cannot from no rows.
+        return grid(blocks.cpu().reshape(1, -1), type_name)[0].abs().reshape(blocks.shape[0], row_length)
+    spacing = np.abs(_fp16_field(blocks.cpu().numpy().reshape(-1, bytes_per_block), 0))
+    return torch.from_numpy(np.repeat(spacing, values_per_block, axis=1)).reshape(blocks.shape[0], row_length)
 
 
 def assert_gguf_close(actual: torch.Tensor, expected: torch.Tensor, type_name: str) -> None:
@@ -384,7 +376,7 @@ GGUF = [
     Sample(
         op,
         name,
-        (rows, (blocks or (17 if type_name in kquants.FORMATS else 129)) * gguf.FORMATS[type_name][0]),
+        (rows, (blocks or (129 if type_name in legacy.FORMATS else 17)) * gguf.FORMATS[type_name][0]),
         _gguf_direction(type_name, layout, scale, dtype, passes),
         interpret=False,  # no Triton kernel
         build_buffer=_gguf_blocks(type_name),

@@ -15,7 +15,6 @@ import torch
 import refusal_kernels as rk
 from refusal_kernels import _ops, backends, reference
 from refusal_kernels.quant import gguf
-from refusal_kernels.quant.gguf import kquants, legacy
 
 CUDA_KEY = torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)
 
@@ -99,8 +98,7 @@ def test_gguf_ops_run_the_reference_for_cuda_tensors_under_every_backend(backend
         blocks = gguf.quantize(torch.randn(6, 2 * gguf.FORMATS[type_name][0], generator=generator), type_name)
         direction = torch.randn(6, generator=generator)
         expected = blocks.clone()
-        module = legacy if type_name in legacy.FORMATS else kquants
-        module.orthogonalize_reference_(expected, type_name, direction, 0.5)
+        gguf.module_of(type_name).orthogonalize_reference_(expected, type_name, direction, 0.5)
         getattr(torch.ops.refusal, op).default.redispatch(CUDA_KEY, blocks, direction, 0.5, "matrix")
         assert torch.equal(blocks, expected), op
 

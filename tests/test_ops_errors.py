@@ -5,6 +5,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from kquant_cases import FP16_OFFSETS
 from op_samples import GGUF_TYPES, REFERENCES, api, run
 
 import refusal_kernels as rk
@@ -245,7 +246,7 @@ def _gguf_blocks(type_name: str, magnitude: float = 1.0) -> torch.Tensor:
 
 def _with_infinite_scale(type_name: str) -> torch.Tensor:
     blocks = _gguf_blocks(type_name)
-    offset = 208 if type_name == "Q6_K" else 0  # the fp16 d of the first block
+    offset = FP16_OFFSETS.get(type_name, (0,))[0]  # the fp16 d of the first block (legacy types: at 0)
     blocks[1, offset : offset + 2] = torch.tensor([float("inf")], dtype=torch.float16).view(torch.uint8)
     return blocks
 

@@ -11,7 +11,7 @@ import torch
 from op_samples import gguf_steps, identical_block_fraction
 
 from refusal_kernels.quant import gguf as blocks
-from refusal_kernels.quant.gguf import feedback, kquants, kquants_low, legacy
+from refusal_kernels.quant.gguf import feedback, legacy
 
 TYPES = ["Q4_0", "Q5_0", "Q8_0", "Q4_K", "Q6_K", "Q3_K"]
 
@@ -73,16 +73,15 @@ def test_zero_passes_is_the_plain_edit_and_a_scale_keeps_its_share():
 # The kernel's passes against the reference's: each pass reads d^T Q in the kernel's summation
 # order, so a value near a rounding boundary may land one step apart, and a K-quant block's scale
 # search may then pick another scale. Measured after 2 passes on these shapes: legacy types
-# 0.9999 to 1.0 of the blocks identical, K-quants 0.80 (Q5_K, "matrix") to 0.999, every value
+# 0.9999 to 1.0 of the blocks identical, K-quants 0.80 (Q5_K, "matrix") to 1.0, every value
 # within 1.41 steps of its (sub-)block; the component left along d agrees within 2 %, the error
 # against the fp32 edit within 0.3 %.
 @pytest.mark.parametrize("layout", ["matrix", "rows"])
 @pytest.mark.parametrize("type_name", list(blocks.OP_FORMATS))
 def test_the_kernels_passes_match_the_reference(type_name, layout):
     stored, unit = _case(type_name, layout, seed=1)
-    codec = legacy if type_name in legacy.FORMATS else kquants
     expected = stored.clone()
-    feedback.orthogonalize_reference_(codec, expected, type_name, unit, 1.0, layout, passes=2)
+    feedback.orthogonalize_reference_(blocks.module_of(type_name), expected, type_name, unit, 1.0, layout, passes=2)
     actual = stored.clone()
     blocks.orthogonalize_(actual, type_name, unit, 1.0, layout, passes=2)
     steps = 1 if type_name in legacy.FORMATS else 2
@@ -97,14 +96,6 @@ def test_the_kernels_passes_match_the_reference(type_name, layout):
     assert abs(left[0] - left[1]) <= 0.05 * left[1], left
     error = [(values - fp32_edit).norm() for values in edited]
     assert abs(error[0] - error[1]) <= 0.01 * error[1], error
-
-
-def test_a_type_without_an_op_runs_the_reference_passes():
-    stored, unit = _case("Q2_K", "matrix")
-    expected = stored.clone()
-    feedback.orthogonalize_reference_(kquants_low, expected, "Q2_K", unit, passes=2)
-    blocks.orthogonalize_(stored, "Q2_K", unit, passes=2)
-    assert torch.equal(stored, expected)
 
 
 @pytest.mark.parametrize("type_name", ["Q8_0", "Q2_K"])

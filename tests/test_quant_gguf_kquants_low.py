@@ -1,7 +1,7 @@
 """The low-bit K-quant GGUF references Q2_K and Q3_K: what is particular to them.
 
-Here: their sizes, and a round trip through a GGUF file written and read by gguf-py. Their
-dequantize, quantize and edit tests are shared with Q4_K, Q5_K and Q6_K, parametrized over all
+Here: their sizes, a round trip through a GGUF file written and read by gguf-py, and the fused
+kernel (refusal::orthogonalize_q2_k, _q3_k) against the reference. Their dequantize, quantize and edit tests are shared with Q4_K, Q5_K and Q6_K, parametrized over all
 five types, in tests/test_quant_gguf_kquants.py (cases in tests/kquant_cases.py); what those
 check against what, for these two:
   * dequantize against gguf-py's `gguf.quants.dequantize` (a numpy port of llama.cpp's

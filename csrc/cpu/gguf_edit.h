@@ -1,7 +1,7 @@
 // The in-place edit of a tensor's GGUF blocks on the CPU, shared by every block type
-// (gguf_legacy.cpp, gguf_kquants.cpp). A Codec gives kName, kValues and kBytes per block,
-// dequantize(block, values) and quantize(values, block), both as the pure-torch references in
-// refusal_kernels/quant/gguf/ compute them. Two streams over the blocks, never a float copy:
+// (gguf_legacy.cpp, gguf_kquants.cpp, gguf_kquants_low.cpp). A Codec gives kName, kValues and
+// kBytes per block, dequantize(block, values) and quantize(values, block), both as the
+// pure-torch references in refusal_kernels/quant/gguf/ compute them. Two streams over the blocks, never a float copy:
 //   1. read only: "matrix" c = d^T W (each thread owns block columns and sums down the rows in
 //      order), "rows" p_r = v_r . d; then every value the update will produce is known finite;
 //   2. each block is dequantized again, updated (value j of row r loses factor[r] * along[j])

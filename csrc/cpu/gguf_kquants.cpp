@@ -4,116 +4,14 @@
 // operation for operation: fp32 sums in llama.cpp's order and nearest_int's rounding.
 #include <torch/library.h>
 
-#include "gguf_edit.h"
+#include "gguf_kquant_common.h"
 
 namespace refusal::cpu::gguf {
 namespace {
 
-constexpr int kSuper = 256;
-// llama.cpp's GROUP_MAX_EPS: a group whose largest magnitude is below it is stored as zeros.
-constexpr float kGroupMaxEps = 1e-15f;
-
-// llama.cpp's nearest_int: adding 1.5 * 2^23 leaves round(x) (ties to even) in the low 23 bits.
-inline int nearest_int(float value) {
-  const float shifted = value + 12582912.f;
-  int32_t bits;
-  std::memcpy(&bits, &shifted, sizeof(bits));
-  return (bits & 0x7FFFFF) - 0x400000;
-}
-
-inline int clamped(int value, int low, int high) { return std::min(std::max(value, low), high); }
-
 // ---- Q4_K and Q5_K: 8 sub-blocks of 32, each with a 6-bit scale and a 6-bit min.
 
 constexpr int kSub = 32;
-
-// The parameters of make_qkx2_quants' search over scales and mins.
-struct MinSearch {
-  int nmax;
-  float rmin;
-  float rdelta;
-  int nstep;
-};
-
-// x ~ scale * level - min over one sub-block.
-struct MinFit {
-  float scale;
-  float min;
-};
-
-struct LevelSums {
-  float l;
-  float l2;
-  float xl;
-};
-
-inline LevelSums level_sums(const float* x, const float* w, const int* l) {
-  auto weighted = [&](int i) { return w[i] * static_cast<float>(l[i]); };
-  LevelSums s{weighted(0), weighted(0) * static_cast<float>(l[0]), weighted(0) * x[0]};
-  for (int i = 1; i < kSub; ++i) {
-    s.l += weighted(i);
-    s.l2 += weighted(i) * static_cast<float>(l[i]);
-    s.xl += weighted(i) * x[i];
-  }
-  return s;
-}
-
-inline float weighted_error(const float* x, const float* w, const int* l, float scale, float low) {
-  return running_sum(kSub, [&](int i) {
-    const float diff = (scale * static_cast<float>(l[i]) + low) - x[i];
-    return w[i] * (diff * diff);
-  });
-}
-
-inline void levels_from(const float* x, float inverse, float low, int nmax, int* l) {
-  for (int i = 0; i < kSub; ++i) l[i] = clamped(nearest_int(inverse * (x[i] - low)), 0, nmax);
-}
-
-// make_qkx2_quants (use_mad false); each step of the search starts from the best min so far.
-MinFit make_qkx2_quants(const float* x, const float* w, const MinSearch& search, int* levels) {
-  float low = *std::min_element(x, x + kSub);
-  const float high = *std::max_element(x, x + kSub);
-  if (low > 0) low = 0.f;
-  if (high == low) {
-    std::fill(levels, levels + kSub, 0);
-    return {0.f, -low};
-  }
-  const float sum_w = running_sum(kSub, [&](int i) { return w[i]; });
-  const float sum_x = running_sum(kSub, [&](int i) { return w[i] * x[i]; });
-  float inverse = static_cast<float>(search.nmax) / (high - low);
-  float scale = 1.f / inverse;
-  levels_from(x, inverse, low, search.nmax, levels);
-  float best_error = weighted_error(x, w, levels, scale, low);
-  int trial[kSub];
-  for (int step = 0; step <= search.nstep; ++step) {
-    inverse = (search.rmin + search.rdelta * static_cast<float>(step) + static_cast<float>(search.nmax)) / (high - low);
-    levels_from(x, inverse, low, search.nmax, trial);
-    const LevelSums s = level_sums(x, w, trial);
-    const float determinant = sum_w * s.l2 - s.l * s.l;
-    if (!(determinant > 0)) continue;
-    float trial_scale = (sum_w * s.xl - sum_x * s.l) / determinant;
-    float trial_min = (s.l2 * sum_x - s.l * s.xl) / determinant;
-    if (trial_min > 0) {
-      trial_min = 0.f;
-      trial_scale = s.xl / s.l2;
-    }
-    const float error = weighted_error(x, w, trial, trial_scale, trial_min);
-    if (error < best_error) {
-      std::copy(trial, trial + kSub, levels);
-      best_error = error;
-      scale = trial_scale;
-      low = trial_min;
-    }
-  }
-  return {scale, -low};
-}
-
-// The largest of values that is above 0, or 0: what a scan `if (v > best) best = v` from 0 finds.
-inline float positive_max(const float* values, int n) {
-  float best = 0.f;
-  for (int k = 0; k < n; ++k) best = values[k] > best ? values[k] : best;
-  return best;
-}
 
 // nearest_int(63 / largest * value) stored in a uint8 and kept to 63; 0 when largest is 0.
 inline void six_bit_codes(const float* values, float largest, int* codes) {
@@ -145,7 +43,8 @@ struct WithMins {
   static constexpr int kValues = kSuper;
   static constexpr int kBytes = kFiveBits ? 176 : 144;
   static constexpr int kQs = kFiveBits ? 48 : 16;
-  static constexpr MinSearch kSearch = kFiveBits ? MinSearch{31, -0.5f, 0.1f, 15} : MinSearch{15, -1.f, 0.1f, 20};
+  static constexpr MinSearch kSearch = kFiveBits ? MinSearch{31, -0.5f, 0.1f, 15, false}
+                                                  : MinSearch{15, -1.f, 0.1f, 20, false};
 
   static void dequantize(const uint8_t* block, float* values) {
     int scales[8], mins[8];
@@ -188,7 +87,7 @@ struct WithMins {
       const float spread = std::sqrt(running_sum(kSub, [&](int i) { return xs[i] * xs[i]; }) / 32.f);
       float w[kSub];
       for (int i = 0; i < kSub; ++i) w[i] = spread + std::fabs(xs[i]);
-      const MinFit f = make_qkx2_quants(xs, w, kSearch, levels + kSub * j);
+      const MinFit f = make_qkx2_quants<kSub>(xs, w, kSearch, levels + kSub * j);
       scales[j] = f.scale;
       mins[j] = f.min;
     }
@@ -211,9 +110,7 @@ struct WithMins {
       const float step = d * static_cast<float>(scale_codes[j]);
       const float offset = dmin * static_cast<float>(min_codes[j]);
       if (step == 0.f) continue;  // the sub-block keeps the levels of its own fit
-      for (int i = kSub * j; i < kSub * (j + 1); ++i) {
-        levels[i] = clamped(nearest_int((x[i] + offset) / step), 0, kSearch.nmax);
-      }
+      grid_levels_with_min(x + kSub * j, kSub, step, offset, kSearch.nmax, levels + kSub * j);
     }
     pack(levels, block);
   }
@@ -241,15 +138,6 @@ inline SignedSums signed_levels(const float* x, float inverse, int* l) {
   for (int i = 0; i < kSub6; ++i) l[i] = clamped(nearest_int(inverse * x[i]), -kNmax6, kNmax6 - 1);
   return {running_sum(kSub6, [&](int i) { return x[i] * x[i] * x[i] * static_cast<float>(l[i]); }),
           running_sum(kSub6, [&](int i) { return x[i] * x[i] * static_cast<float>(l[i]) * static_cast<float>(l[i]); })};
-}
-
-// The index of the first value of largest magnitude.
-inline int first_largest(const float* values, int n) {
-  int first = 0;
-  for (int k = 1; k < n; ++k) {
-    if (std::fabs(values[k]) > std::fabs(values[first])) first = k;
-  }
-  return first;
 }
 
 // make_qx_quants(16, 32, x, L, rmse_type=1, NULL): returns the scale, levels offset by 32.
@@ -287,7 +175,7 @@ struct Q6_K {
   static int level(const uint8_t* block, int i) {
     const int h = i / 128, t = (i % 128) / 32, l = i % 32;
     const int low = (block[64 * h + 32 * (t % 2) + l] >> (4 * (t / 2))) & 0xF;
-    return low | (((block[128 + 32 * h + l] >> (2 * t)) & 3) << 4);
+    return low | (two_bit_field(block + 128, i) << 4);
   }
 
   static void dequantize(const uint8_t* block, float* values) {
@@ -304,12 +192,8 @@ struct Q6_K {
         block[64 * h + p] =
             static_cast<uint8_t>((levels[128 * h + p] & 0xF) | ((levels[128 * h + 64 + p] & 0xF) << 4));
       }
-      for (int l = 0; l < 32; ++l) {
-        int high = 0;
-        for (int t = 0; t < 4; ++t) high |= (levels[128 * h + 32 * t + l] >> 4) << (2 * t);
-        block[128 + 32 * h + l] = static_cast<uint8_t>(high);
-      }
     }
+    pack_two_bit_fields(levels, 4, block + 128);
   }
 
   static void quantize(const float* x, uint8_t* block) {
@@ -317,20 +201,12 @@ struct Q6_K {
     int levels[kSuper];
     float scales[kGroups];
     for (int j = 0; j < kGroups; ++j) scales[j] = make_qx_quants(x + kSub6 * j, levels + kSub6 * j);
-    // The first scale of largest magnitude, as the scan `if (|s| > best)` from 0 finds it.
-    int first = 0;
-    float magnitude = 0.f;
-    for (int j = 0; j < kGroups; ++j) {
-      if (std::fabs(scales[j]) > magnitude) {
-        magnitude = std::fabs(scales[j]);
-        first = j;
-      }
-    }
-    if (magnitude < kGroupMaxEps) {
+    const LargestScale first = first_of_largest_magnitude(scales, kGroups);
+    if (first.magnitude < kGroupMaxEps) {
       std::memset(block, 0, kBytes);
       return;
     }
-    const float largest = scales[first];
+    const float largest = scales[first.index];
     const float inverse = -128.f / largest;
     store_fp16(block + 208, 1.f / inverse);
     const float d = fp16_at(block + 208);
@@ -339,9 +215,7 @@ struct Q6_K {
       block[192 + j] = static_cast<uint8_t>(code);
       const float step = d * static_cast<float>(code);
       if (step == 0.f) continue;  // the sub-block keeps the levels of its own fit
-      for (int i = kSub6 * j; i < kSub6 * (j + 1); ++i) {
-        levels[i] = clamped(nearest_int(x[i] / step), -kNmax6, kNmax6 - 1) + kNmax6;
-      }
+      signed_grid_levels(x + kSub6 * j, kSub6, step, kNmax6, levels + kSub6 * j);
     }
     pack(levels, block);
   }

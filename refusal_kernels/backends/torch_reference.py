@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 
 from .. import _checks, reference
-from ..quant import awq, fp8, gptq, int8, nf4
-from ..quant.gguf import feedback, kquants, legacy
+from ..quant import awq, fp8, gguf, gptq, int8, nf4
+from ..quant.gguf import feedback
 
 
 def ablate_(x: torch.Tensor, direction: torch.Tensor, scale: float = 1.0) -> None:
@@ -62,8 +62,7 @@ KERNELS = {
     "orthogonalize_fp8": fp8.orthogonalize_reference_,
     "orthogonalize_nf4": orthogonalize_nf4_,
     **{
-        f"orthogonalize_{type_name.lower()}": _gguf_kernel(module, type_name)
-        for module in (legacy, kquants)
-        for type_name in module.FORMATS
+        f"orthogonalize_{type_name.lower()}": _gguf_kernel(gguf.module_of(type_name), type_name)
+        for type_name in gguf.OP_FORMATS
     },
 }

@@ -15,7 +15,15 @@ followed by feedback passes (`refusal_kernels.quant.gguf.feedback`) that take ou
 the component that rounding to the new grid keeps.
 Every other tensor, the metadata and the order are kept; keys under `refusal_kernels.` record
 the edit. A file whose head is tied to token_embd (no output.weight) gets the original
-token_embd as output.weight, so the unembedding is unchanged.
+token_embd as output.weight, so the unembedding is unchanged; gemma2, whose llama.cpp loader
+always reads its head from token_embd, cannot be untied, so its embeddings are refused (pass
+include_embeddings=False).
+
+Gemma 2/3 add norm(y) = g * y / rms(y) to the residual, with g the stored weight of
+blk.N.post_attention_norm (behind attn_output) or blk.N.post_ffw_norm (behind ffn_down):
+llama.cpp multiplies by the weight as stored, which its converter writes as Gemma's 1 + w.
+That is orthogonal to r iff y is orthogonal to g * r, so those writers are orthogonalized
+against normalize(g * r), as `orthogonalize_model_` does on the model transformers loads.
 
 The direction is one found on the model transformers loads from the same GGUF: its residual
 stream has the same coordinates, since transformers only permutes attn_q and attn_k.
@@ -41,11 +49,14 @@ from ..quant.gguf import container, feedback
 from . import families
 from .schedule import Schedule, check_scale_or_schedule
 
-# GGUF architectures whose residual writers are exactly the tensors of WRITER_NAME, with no
-# norm after a sublayer, and whose llama.cpp loader takes an output.weight beside token_embd
-# (so a tied head can be untied). Others (gemma2/3's post-sublayer norms, for one) are refused
-# until a test file of theirs shows the edit right.
-ARCHITECTURES = ("llama", "qwen2")
+# GGUF architectures whose residual writers are exactly the tensors of WRITER_NAME, each behind
+# at most the post-sublayer norm of POST_NORM_NAMES, each shown right by a test file of its own
+# against orthogonalize_model_ on the model transformers loads from it. Others are refused.
+ARCHITECTURES = ("llama", "qwen2", "qwen3", "qwen2moe", "qwen3moe", "gemma2", "gemma3")
+# The norm llama.cpp applies to a writer's output before the residual add, where a layer has it.
+POST_NORM_NAMES = {families.ATTENTION: "post_attention_norm", families.MLP: "post_ffw_norm"}
+# Architectures whose llama.cpp loader takes no output.weight: the head is always token_embd.
+HEAD_ALWAYS_TIED = ("gemma2",)
 WRITER_NAME = re.compile(
     r"(?P<embedding>token_embd|position_embd)\.weight"
     r"|blk\.(?P<layer>\d+)\.(?:(?P<attention>attn_output)|(?P<mlp>ffn_down(?:_exps|_shexp)?))\.(?P<kind>weight|bias)"
@@ -134,11 +145,26 @@ def _check_types(writers: list[GGUFWriter], requant: str | None) -> None:
             )
 
 
-def _target(writer: GGUFWriter, directions: torch.Tensor) -> torch.Tensor:
+def _target(source: container.GGUFFile, writer: GGUFWriter, directions: torch.Tensor) -> torch.Tensor:
     """The unit fp32 direction a writer is orthogonalized against: its layer's (the first
-    layer's for embeddings)."""
+    layer's for embeddings), times the gain of the norm after its sublayer if there is one."""
     base = directions[0 if writer.layer is None else writer.layer]
-    return base / base.norm()
+    return families.writer_direction(base, _post_norm_gain(source, writer, base.numel()))
+
+
+def _post_norm_gain(source: container.GGUFFile, writer: GGUFWriter, d_model: int) -> torch.Tensor | None:
+    """The stored weight of the norm llama.cpp applies to the writer's output, fp32 [d_model]
+    (the gain it multiplies by), or None where the layer has no such norm."""
+    if writer.layer is None:
+        return None
+    norm = source.tensor(f"blk.{writer.layer}.{POST_NORM_NAMES[writer.component]}.weight")
+    if norm is None:
+        return None
+    values = gguf.quants.dequantize(source.read_bytes(norm), norm.type)
+    gain = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).reshape(-1)
+    if gain.numel() != d_model:
+        raise container.GGUFFormatError(f"{source.path}: {norm.name} has {gain.numel()} values, not {d_model}")
+    return gain
 
 
 def _edited_values(values: torch.Tensor, writer: GGUFWriter, direction: torch.Tensor, scale: float) -> None:
@@ -215,6 +241,20 @@ def _plan(source, schedule: Schedule, selected: list[int], include_embeddings: b
     ]
 
 
+def check_gguf_file(
+    src: str | os.PathLike[str], *, include_embeddings: bool = True, requant: str | None = None
+) -> None:
+    """What `orthogonalize_gguf` checks of the file itself, before any direction is known, so
+    that a long job can refuse up front: GGUFFormatError (not a GGUF it can edit),
+    StructureError (an architecture it cannot name, a tied head it cannot untie) or TypeError
+    (a writer whose type has no edit, without requant)."""
+    source = container.read(src)
+    n_layers, _ = _shape(source)
+    writers = _plan(source, Schedule.constant(n_layers, 1.0), list(range(n_layers)), include_embeddings)
+    _check_types(writers, requant)
+    _embedding_to_untie(source, {w.tensor.name: w for w in writers})
+
+
 def orthogonalize_gguf(
     src: str | os.PathLike[str],
     dst: str | os.PathLike[str],
@@ -240,7 +280,8 @@ def orthogonalize_gguf(
         scale: 1 removes the component; a Schedule gives each layer's attention and MLP
             writers, and the embeddings, their own scale (0 leaves them byte for byte).
         include_embeddings: also edit token_embd (and position_embd). A tied head (no
-            output.weight) is untied: the original token_embd is written as output.weight.
+            output.weight) is untied: the original token_embd is written as output.weight;
+            where llama.cpp cannot read that (HEAD_ALWAYS_TIED) it raises StructureError.
         layers: only the writers of these layers.
         layer, position: where the direction was found, recorded in the metadata.
         requant: the GGML type (e.g. "Q8_0") to re-encode writers whose type has no edit
@@ -256,8 +297,8 @@ def orthogonalize_gguf(
         A GGUFEdit: the path written, the tensors changed and whether the head was untied.
 
     Bad arguments and bad files raise ValueError (GGUFFormatError for a file that is not a
-    GGUF this reader can edit, StructureError for an architecture it cannot name) or TypeError
-    before anything is written.
+    GGUF this reader can edit, StructureError for an architecture it cannot name or a head it
+    cannot untie) or TypeError before anything is written.
     """
     src, dst = Path(src), Path(dst)
     _check_paths(src, dst)
@@ -276,14 +317,29 @@ def orthogonalize_gguf(
     if requantized:
         warnings.warn(f"re-encoding {', '.join(requantized)} as {requant}: their types have no edit", stacklevel=2)
     by_name = {w.tensor.name: w for w in writers}
+    embedding = _embedding_to_untie(source, by_name)
     outputs = [_output(source, t, by_name.get(t.name), directions, schedule, options) for t in source.tensors]
-    embedding = source.tensor("token_embd.weight")
-    untie = source.tensor(TIED_HEAD) is None and embedding is not None and embedding.name in by_name
-    if untie:
+    if embedding is not None:
         outputs.append(container.OutputTensor(TIED_HEAD, embedding.type, embedding.shape, source=embedding))
     record = _edit_record(scale, layer, position, include_embeddings, feedback_passes)
     container.write(source, dst, outputs, record)
-    return GGUFEdit(dst, {o.name: o.type.name for o in outputs if o.make is not None}, untie)
+    return GGUFEdit(dst, {o.name: o.type.name for o in outputs if o.make is not None}, embedding is not None)
+
+
+def _embedding_to_untie(source: container.GGUFFile, by_name: dict[str, GGUFWriter]) -> container.TensorInfo | None:
+    """token_embd where it is edited and the head is tied to it (no output.weight), else None;
+    StructureError where the architecture's llama.cpp loader reads no untied head."""
+    embedding = source.tensor("token_embd.weight")
+    if source.tensor(TIED_HEAD) is not None or embedding is None or embedding.name not in by_name:
+        return None
+    arch = source.metadata["general.architecture"]
+    if arch in HEAD_ALWAYS_TIED:
+        raise families.StructureError(
+            f"{source.path}: llama.cpp's {arch} always reads its output head from token_embd (no output.weight), "
+            "so token_embd cannot be edited without changing the unembedding; pass include_embeddings=False "
+            "(--no-embeddings)"
+        )
+    return embedding
 
 
 def _needs_requant(writer: GGUFWriter) -> bool:
@@ -295,7 +351,7 @@ def _output(source, tensor, writer, directions, schedule, options) -> container.
     if writer is None:
         return container.OutputTensor(tensor.name, tensor.type, tensor.shape, source=tensor)
     type_ = gguf.GGMLQuantizationType[options.requant] if _needs_requant(writer) else tensor.type
-    direction = _target(writer, directions)
+    direction = _target(source, writer, directions)
 
     def make() -> np.ndarray:
         return _edited_bytes(writer, source.read_bytes(tensor), direction, schedule.scale_of(writer), options)

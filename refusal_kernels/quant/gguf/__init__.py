@@ -10,9 +10,9 @@ fresh scales, written back into the same bytes):
   kquants_low  Q2_K, Q3_K (256 values per super-block)
 
 `orthogonalize_` edits the blocks of any of these types through the op of its type,
-`refusal::orthogonalize_<type>` (a fused C++ kernel on CPU; the reference is its fallback),
-except Q2_K and Q3_K, which have no op yet and run their reference; its `passes` are the
-feedback passes of `feedback`. `dequantize` and `quantize` pick the type's module.
+`refusal::orthogonalize_<type>` (a fused C++ kernel on CPU; the reference is its fallback);
+its `passes` are the feedback passes of `feedback`. `dequantize` and `quantize` pick the
+type's module, which `module_of` names.
 """
 
 from __future__ import annotations
@@ -20,32 +20,32 @@ from __future__ import annotations
 import torch
 
 from ..._checks import check_direction_once, check_passes
-from . import feedback, kquants, kquants_low, legacy
-from ._blocks import LAYOUTS
+from . import kquants, kquants_low, legacy
+from ._blocks import LAYOUTS, check_type_name
 
 _MODULES = {type_name: module for module in (legacy, kquants, kquants_low) for type_name in module.FORMATS}
 # type name -> (values, bytes) per block, for every block type this package edits.
 FORMATS = {type_name: module.FORMATS[type_name] for type_name, module in _MODULES.items()}
-# The types edited by a dispatcher op, refusal::orthogonalize_<type>.
-OP_FORMATS = {type_name: layout for type_name, layout in FORMATS.items() if _MODULES[type_name] is not kquants_low}
+# The types edited by a dispatcher op, refusal::orthogonalize_<type>: every one.
+OP_FORMATS = FORMATS
 
-__all__ = ["FORMATS", "LAYOUTS", "OP_FORMATS", "dequantize", "orthogonalize_", "quantize"]
+__all__ = ["FORMATS", "LAYOUTS", "OP_FORMATS", "dequantize", "module_of", "orthogonalize_", "quantize"]
 
 
-def _module(type_name: str):
-    if type_name not in _MODULES:
-        raise ValueError(f"type_name must be one of {', '.join(_MODULES)}, got {type_name!r}")
+def module_of(type_name: str):
+    """The module of `type_name`'s layout and reference (legacy, kquants or kquants_low)."""
+    check_type_name(type_name, FORMATS)
     return _MODULES[type_name]
 
 
 def dequantize(blocks: torch.Tensor, type_name: str) -> torch.Tensor:
     """uint8 blocks [rows, bytes_per_row] of `type_name` -> fp32 [rows, row_length]."""
-    return _module(type_name).dequantize(blocks, type_name)
+    return module_of(type_name).dequantize(blocks, type_name)
 
 
 def quantize(values: torch.Tensor, type_name: str) -> torch.Tensor:
     """fp32 [rows, row_length] -> uint8 blocks of `type_name`, as llama.cpp's reference quantizer."""
-    return _module(type_name).quantize(values, type_name)
+    return module_of(type_name).quantize(values, type_name)
 
 
 def orthogonalize_(
@@ -69,10 +69,7 @@ def orthogonalize_(
     kernel on CPU, the reference elsewhere. Bad arguments raise ValueError/TypeError naming the
     argument before anything is written. Returns blocks.
     """
-    module = _module(type_name)
-    if type_name not in OP_FORMATS:
-        feedback.orthogonalize_reference_(module, blocks, type_name, direction, scale, layout, passes)
-        return blocks
+    check_type_name(type_name, FORMATS)  # before torch.ops, which would find "q4_k"'s op too
     check_passes(passes)  # before torch.ops, which would take a bool or a float for an int
     check_direction_once(direction, blocks)
     getattr(torch.ops.refusal, f"orthogonalize_{type_name.lower()}")(blocks, direction, scale, layout, passes)

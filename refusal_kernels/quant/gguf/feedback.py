@@ -17,9 +17,9 @@ along d:
 accumulates instead of being rounded away, and the stored component along d shrinks with each
 pass, at a small cost in the error against the fp32 edit (README).
 
-`orthogonalize_reference_` is the pure-torch version, the reference of the ops' passes and the
-edit of the types without an op. Its passes work on chunks of rows, from a copy of the original
-bytes: extra memory is that copy and O(chunk) fp32, as in the C++ kernels.
+`orthogonalize_reference_` is the pure-torch version, the reference of the ops' passes (and
+their fallback kernel). Its passes work on chunks of rows, from a copy of the original bytes:
+extra memory is that copy and O(chunk) fp32, as in the C++ kernels.
 """
 
 from __future__ import annotations
