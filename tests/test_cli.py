@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from conftest import random_llama
 from transformers import AutoModelForCausalLM
 
 from refusal_kernels import cli
@@ -210,3 +211,65 @@ def test_abliterate_without_flags_selects_with_the_library_defaults_and_the_mode
     argv = ["abliterate", "--out", "unused", *(["--model", model] if model else [])]
     args = cli.build_parser().parse_args(argv)
     assert cli.selection_options(args) == SelectionOptions(**selection_preset(model))
+
+
+# ---- output formats
+
+
+def test_abliterate_writes_every_format_asked_from_one_edit(model_dir, prompt_files, tmp_path, capsys):
+    """--format hf,lora: the safetensors model and a LoRA adapter that turns the base into it,
+    with report.json recording the formats, the command and their sizes, and a model card."""
+    from peft import PeftModel
+
+    out = tmp_path / "out"
+    assert abliterate(model_dir, prompt_files, out, "--format", "hf,lora") == 0
+    assert "on disk: source" in capsys.readouterr().out
+    edited = AutoModelForCausalLM.from_pretrained(out)
+    adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), out / "lora")
+    ids = torch.randint(0, edited.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(adapted(ids).logits, edited(ids).logits, atol=1e-4, rtol=1e-4)
+    report = json.loads((out / "report.json").read_text())
+    assert report["outputs"] == ["hf", "lora"] and report["include_embeddings"] is True
+    assert report["command"][:2] == ["refusal-kernels", "abliterate"] and "hf,lora" in report["command"]
+    sizes = report["sizes"]
+    assert sizes["hf"] == (out / "model.safetensors").stat().st_size
+    assert 0 < sizes["lora"] < sizes["hf"] / 10 and sizes["source"] == sizes["hf"]
+    card = (out / "README.md").read_text()
+    assert card.startswith("---\n") and "lora/adapter_config.json" in card
+
+
+def test_hf_output_keeps_the_source_dtype_unless_dtype_says_otherwise(prompt_files, tmp_path, tiny_tokenizer):
+    source = tmp_path / "bf16-model"
+    random_llama(tiny_tokenizer).to(torch.bfloat16).save_pretrained(source)
+    tiny_tokenizer.save_pretrained(source)
+    assert abliterate(source, prompt_files, tmp_path / "same") == 0
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "same").dtype == torch.bfloat16
+    assert abliterate(source, prompt_files, tmp_path / "fp32", "--dtype", "float32") == 0
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "fp32").dtype == torch.float32
+
+
+@pytest.mark.parametrize(
+    ("fmt", "fragment"),
+    [
+        ("onnx", "'onnx' is not a format"),
+        ("auto,hf", "expected auto or a comma-separated list of hf, lora, gguf"),
+        ("gguf", "--format gguf edits the .gguf file the model was loaded from"),
+    ],
+)
+def test_a_bad_format_is_one_line_and_writes_nothing(model_dir, prompt_files, tmp_path, capsys, fmt, fragment):
+    out = tmp_path / "out"
+    expect_error(
+        ["abliterate", "--model", str(model_dir), "--out", str(out), *prompt_files, "--format", fmt], capsys, fragment
+    )
+    assert not out.exists()
+
+
+def test_a_lora_of_an_embedding_tied_to_the_head_is_refused_before_the_job(tmp_path, capsys):
+    out = tmp_path / "out"
+    expect_error(
+        ["abliterate", "--model", "tiny-demo", "--out", str(out), "--format", "lora"],
+        capsys,
+        "model.embed_tokens.weight is tied to the output head",
+    )
+    assert not out.exists()

@@ -6,6 +6,8 @@ import json
 
 import pytest
 import torch
+from conftest import random_llama
+from gguf_files import write
 from test_hf_families import tiny_direction
 from test_hf_loading import _logits, _state, _tokenizer, source_dir  # noqa: F401  (fixture)
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -16,6 +18,7 @@ from refusal_kernels.hf import (
     save_abliterated,
     saving,
 )
+from refusal_kernels.hf.saving import source_dtype
 
 
 def test_save_abliterated_round_trip(tmp_path, source_dir):  # noqa: F811
@@ -65,3 +68,20 @@ def test_save_abliterated_leaves_nothing_when_interrupted(tmp_path, source_dir, 
     with pytest.raises(KeyboardInterrupt):
         save_abliterated(model, tokenizer, tmp_path / "out", metadata={})
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(("writer_type", "expected"), [("Q8_0", torch.bfloat16), ("F16", torch.float16)])
+def test_the_source_dtype_of_a_gguf_is_bf16_unless_its_matrices_are_f16(tmp_path, writer_type, expected):
+    assert source_dtype(write(tmp_path / "model.gguf", writer_type=writer_type)) == expected
+
+
+def test_the_source_dtype_of_a_directory_is_its_config_dtype(tmp_path, tiny_llama):
+    tiny_llama.save_pretrained(tmp_path / "model")
+    assert source_dtype(tmp_path / "model") == torch.float32
+    assert source_dtype(tmp_path / "nothing-here") is None
+
+
+def test_save_abliterated_casts_to_the_dtype_asked(tmp_path, tiny_tokenizer):
+    model = random_llama(tiny_tokenizer)
+    save_abliterated(model, tiny_tokenizer, tmp_path / "out", metadata={}, dtype=torch.bfloat16)
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "out").dtype == torch.bfloat16

@@ -85,6 +85,8 @@ def test_a_given_direction_at_a_given_scale_is_used_as_is(model, tokenizer, prom
     [
         ({"mode": "both"}, ValueError, "mode must be one of weights, hooks"),
         ({"layer": 1}, ValueError, "layer and position go together"),
+        ({"mode": "hooks", "include_embeddings": False}, ValueError, "apply to the weights: use mode='weights'"),
+        ({"mode": "hooks", "undo": "exact"}, ValueError, "apply to the weights: use mode='weights'"),
     ],
 )
 def test_bad_options_name_the_field(fields, error, message):
@@ -109,3 +111,26 @@ def test_bad_inputs_leave_the_model_untouched(model, tokenizer, prompts):
     with pytest.raises(ValueError, match="the search was run on a model with 4 layers"):
         rk.abliterate(other, tokenizer, prompts, options(), trial=SearchTrial(searched, 0))
     assert all(torch.equal(t, unchanged[name]) for name, t in model.state_dict().items())
+
+
+def test_write_lora_exports_from_the_unedited_weights_and_leaves_the_edit_bit_for_bit(
+    model, tokenizer, prompts, tmp_path
+):
+    from peft import PeftModel
+
+    report = rk.abliterate(model, tokenizer, prompts, options(include_embeddings=False, undo="exact"))
+    edited = state(model)
+    export = report.write_lora(model, tmp_path / "lora")
+    assert all(torch.equal(t, edited[name]) for name, t in model.state_dict().items())
+    base = transformers.AutoModelForCausalLM.from_pretrained(tiny_demo_path(), local_files_only=True).eval()
+    adapted = PeftModel.from_pretrained(base, export.path)
+    torch.testing.assert_close(logits(adapted, tokenizer), logits(model, tokenizer), atol=1e-5, rtol=1e-5)
+    report.write_lora(model, tmp_path / "again")  # the record stays usable
+    assert all(torch.equal(t, edited[name]) for name, t in model.state_dict().items())
+
+
+def test_write_lora_needs_an_exact_record(model, tokenizer, prompts, tmp_path):
+    report = rk.abliterate(model, tokenizer, prompts, options(include_embeddings=False))
+    with pytest.raises(ValueError, match="undo='exact'"):
+        report.write_lora(model, tmp_path / "lora")
+    assert not (tmp_path / "lora").exists()

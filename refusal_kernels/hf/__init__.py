@@ -9,6 +9,7 @@
   StructureSpec, set_structure     name the layers and writers of a model nothing can read
   load_model / save_abliterated / orthogonalize_checkpoint   loading, saving, streaming
   orthogonalize_gguf               a GGUF file's writers, edited in their own GGML types
+  export_lora, LoRAExport          the same edit as a rank-1 PEFT LoRA adapter
 
 Only this package knows transformers module names; the structure detection is in `families`.
 """
@@ -18,6 +19,7 @@ from .families import ModelStructure, StructureError, StructureSpec, describe_mo
 from .gguf import GGUFEdit, orthogonalize_gguf
 from .hooks import PatchHandle, add_direction, model_shape, patch
 from .loading import load_model
+from .lora import LoRAExport, export_lora
 from .saving import save_abliterated
 from .schedule import Peak, Schedule
 from .verify import ResidualLeakError
@@ -26,6 +28,7 @@ from .weights import ChangedTensor, OrthogonalizationRecord, check_structure, or
 __all__ = [
     "ChangedTensor",
     "GGUFEdit",
+    "LoRAExport",
     "ModelStructure",
     "OrthogonalizationRecord",
     "PatchHandle",
@@ -37,6 +40,7 @@ __all__ = [
     "add_direction",
     "check_structure",
     "describe_model",
+    "export_lora",
     "load_model",
     "model_shape",
     "orthogonalize_checkpoint",

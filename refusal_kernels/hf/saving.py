@@ -83,6 +83,53 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+def write_abliterated(
+    model: nn.Module,
+    tokenizer: Any,
+    directory: Path,
+    record: Mapping[str, Any],
+    dtype: torch.dtype | None = None,
+) -> None:
+    """config.json, the safetensors shards, the tokenizer and refusal_kernels.json (`record`)
+    into an existing directory; with dtype, the model is cast to it first, in place."""
+    if dtype is not None:
+        model.to(dtype)
+    model.save_pretrained(directory)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+    (directory / METADATA_FILE).write_text(json.dumps(record, indent=2) + "\n")
+
+
+def checkpoint_record(model: nn.Module, metadata: Mapping[str, Any]) -> dict[str, Any]:
+    """What refusal_kernels.json holds: the source model, `metadata` (tensors become lists) and
+    this package's version. TypeError if metadata is not a mapping."""
+    if not isinstance(metadata, Mapping):
+        raise TypeError(f"metadata must be a mapping, got {type(metadata).__name__}")
+    return {
+        "source_model": getattr(model.config, "_name_or_path", None) or None,
+        **_jsonable(dict(metadata)),
+        "refusal_kernels_version": __version__,
+    }
+
+
+def source_dtype(spec: str | os.PathLike[str]) -> torch.dtype | None:
+    """The dtype a model was stored in: a .gguf file's float16 if its matrices are F16 (and none
+    BF16), else bfloat16, since its quantized blocks have no dtype and float32 would double the
+    size for nothing; a transformers directory's config dtype; None if unknown."""
+    path = Path(spec).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        from ..quant.gguf import container
+
+        types = {t.type.name for t in container.read(path).tensors if len(t.shape) > 1}
+        return torch.float16 if "F16" in types and "BF16" not in types else torch.bfloat16
+    config = path / "config.json"
+    if not config.is_file():
+        return None
+    settings = json.loads(config.read_text())
+    stored = settings.get("dtype") or settings.get("torch_dtype")
+    return getattr(torch, stored, None) if isinstance(stored, str) else None
+
+
 def save_abliterated(
     model: nn.Module,
     tokenizer: Any,
@@ -91,6 +138,7 @@ def save_abliterated(
     metadata: Mapping[str, Any],
     overwrite: bool = False,
     extra: Callable[[Path], None] | None = None,
+    dtype: torch.dtype | None = None,
 ) -> Path:
     """Save an orthogonalized model so that plain `AutoModelForCausalLM.from_pretrained` loads it.
 
@@ -99,7 +147,8 @@ def save_abliterated(
     become lists) plus the source model and this package's version.
 
     Save a model changed by `orthogonalize_model_` (or `patch(mode="weights")`): hooks are not
-    part of a checkpoint.
+    part of a checkpoint. With `dtype` (e.g. `source_dtype(path)`, the dtype the source was
+    stored in), the model is cast to it in place before it is written.
 
     Raises:
         FileExistsError: out_dir exists and is not empty, unless overwrite=True.
@@ -112,19 +161,15 @@ def save_abliterated(
     Returns:
         The resolved output directory.
     """
-    if not isinstance(metadata, Mapping):
-        raise TypeError(f"metadata must be a mapping, got {type(metadata).__name__}")
-    source = _source_directory(model)
-    record = {
-        "source_model": getattr(model.config, "_name_or_path", None) or None,
-        **_jsonable(dict(metadata)),
-        "refusal_kernels_version": __version__,
-    }
-    with atomic_directory(out_dir, overwrite, [source] if source else []) as temporary:
-        model.save_pretrained(temporary)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(temporary)
-        (temporary / METADATA_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    record = checkpoint_record(model, metadata)
+    with atomic_directory(out_dir, overwrite, protected_sources(model)) as temporary:
+        write_abliterated(model, tokenizer, temporary, record, dtype)
         if extra is not None:
             extra(temporary)
     return Path(out_dir).expanduser().resolve()
+
+
+def protected_sources(model: nn.Module) -> list[Path]:
+    """The source model's directory, if it has one: an output must not overlap it."""
+    source = _source_directory(model)
+    return [source] if source else []

@@ -2,8 +2,10 @@
 
 Find the direction (or take one, or a search's trial), evaluate the model, remove the
 direction (in the weights or by hooks), evaluate again, and return an `AbliterationReport`
-that saves itself. Saving the edited model is `hf.save_abliterated(model, tokenizer, out,
-metadata=report.checkpoint_metadata(), extra=report.save)`.
+that saves itself: the direction's files (direction.pt, direction.json, heatmaps.png),
+report.json, report.md, and README.md, the model card the Hugging Face hub shows. Saving the
+edited model is `hf.save_abliterated(model, tokenizer, out, metadata=report.checkpoint_metadata(),
+extra=report.save)`.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from torch import nn
 from .. import hf
 from ..quant.gguf.feedback import DEFAULT_PASSES
 from . import select
+from .card import model_card
 from .evaluate import Evaluation, evaluate
 from .options import AbliterationOptions
 from .prompts import PromptSets
@@ -51,6 +54,14 @@ class AbliterationReport:
     examples: int = 5
     # The hooks that ablate the direction in "hooks" mode (remove() takes them off); None in "weights" mode.
     hooks: hf.PatchHandle | None = field(default=None, repr=False)
+    # The command line that ran the job (argv), for the model card to repeat; None for a library call.
+    command: list[str] | None = None
+    # The model formats written beside the report: "hf", "gguf", "lora"; None when not recorded.
+    outputs: list[str] | None = None
+    include_embeddings: bool = True  # whether the weights edit took the direction out of the embeddings too
+    sizes: dict[str, int | None] | None = None  # bytes on disk: "source" and each output format written
+    # Weights mode: what orthogonalize_model_ (or the trial's apply) returned, undo data as asked.
+    record: hf.OrthogonalizationRecord | None = field(default=None, repr=False)
 
     def trial_summary(self) -> dict | None:
         if self.trial is None:
@@ -61,8 +72,12 @@ class AbliterationReport:
         """The contents of report.json."""
         return {
             "model": self.source,
+            "command": self.command,
+            "outputs": self.outputs,
             "mode": self.mode,
             "scale": self.scale,
+            "include_embeddings": self.include_embeddings,
+            "sizes": self.sizes,
             "trial": self.trial_summary(),
             "direction": self.direction.metadata(),
             "before": self.before.summary(),
@@ -86,11 +101,26 @@ class AbliterationReport:
             "layer": self.direction.layer,
             "position": self.direction.position,
             "scale": self.scale,
+            "include_embeddings": self.include_embeddings,
             "scores": {"before": self.before.summary(), "after": self.after.summary()},
         }
         if self.trial is not None:
             metadata["trial"] = self.trial_summary()
         return metadata
+
+    def _rank_one_edit(self, output: str) -> dict:
+        """The edit as orthogonalize_model_'s arguments: this report's scale, or its trial's
+        schedule (which leaves the embeddings alone). ValueError for a norm-preserving trial,
+        which has no form in a GGUF or a LoRA (its update is not rank 1 in each matrix)."""
+        if self.trial is None:
+            return {"scale": self.scale, "include_embeddings": self.include_embeddings}
+        params = self.trial.search.trial(self.trial.number).params
+        if params.norm_preserving:
+            raise ValueError(
+                f"trial {self.trial.number} is norm-preserving, which {output} cannot express (each "
+                "matrix's update is not rank 1); write it with --format hf"
+            )
+        return {"scale": trial_schedule(params, self.trial.search.n_layers), "include_embeddings": False}
 
     def write_gguf(
         self,
@@ -103,33 +133,65 @@ class AbliterationReport:
         with this report's direction and scale, or its trial's direction and schedule (which
         leave the embeddings alone). A norm-preserving trial raises ValueError: the GGUF edit
         has no norm-preserving form."""
-        edit = {"scale": self.scale, "layer": self.direction.layer}
-        if self.trial is not None:  # self.direction is then the trial's
-            params = self.trial.search.trial(self.trial.number).params
-            if params.norm_preserving:
-                raise ValueError(
-                    f"trial {self.trial.number} is norm-preserving, which the GGUF edit cannot do; "
-                    "write it with --format hf"
-                )
-            schedule = trial_schedule(params, self.trial.search.n_layers)
-            edit = {"scale": schedule, "include_embeddings": False, "layer": None}
+        edit = self._rank_one_edit("the GGUF edit")
         return hf.orthogonalize_gguf(
             src,
             dst,
             self.direction.direction,
+            layer=self.direction.layer if self.trial is None else None,
             position=self.direction.position,
             requant=requant,
             feedback_passes=feedback_passes,
             **edit,
         )
 
+    def write_lora(self, model: nn.Module, out_dir: str | os.PathLike) -> hf.LoRAExport:
+        """The same edit as a rank-1 PEFT adapter (`hf.export_lora`) in out_dir.
+
+        The adapter is computed from the unedited weights: `model`, edited by `abliterate` with
+        options.undo="exact", is restored bit for bit, exported, and edited again (the same
+        deterministic edit, so the weights come back bit for bit). ValueError for what a LoRA
+        cannot express (see `hf.export_lora`), with nothing written and the model left edited."""
+        edit = self._rank_one_edit("a LoRA adapter")
+        undo = self.record.undo if self.record is not None else None
+        if undo is None or undo.spent or not all(entry.fixes is not None for entry in undo.entries):
+            raise ValueError("write_lora needs the model abliterate edited with options.undo='exact'")
+        hf.undo_(self.record)
+        try:
+            return hf.export_lora(
+                model, self.direction.direction, out_dir, metadata=self.checkpoint_metadata(), verify=False, **edit
+            )
+        finally:
+            self.record = _weights_edit(
+                model, self.direction, self.trial, self.scale, self.include_embeddings, undo="exact", verify=False
+            )
+
     def save(self, out_dir: str | os.PathLike) -> Path:
-        """direction.pt, direction.json, heatmaps.png, report.json and report.md into out_dir."""
+        """direction.pt, direction.json, heatmaps.png, report.json, report.md and README.md (the
+        model card) into out_dir; report.md and README.md are rendered from report.json's dict."""
         out = self.direction.save(out_dir)
         report = self.to_dict()
         atomic_write(out / "report.json", lambda f: f.write((json.dumps(report, indent=2) + "\n").encode()))
         atomic_write(out / "report.md", lambda f: f.write(markdown_report(report).encode()))
+        atomic_write(out / "README.md", lambda f: f.write(model_card(report).encode()))
         return out
+
+
+def _weights_edit(
+    model: nn.Module,
+    direction: DirectionResult,
+    trial: SearchTrial | None,
+    scale: float,
+    include_embeddings: bool,
+    undo: bool | str,
+    verify: bool = True,
+) -> hf.OrthogonalizationRecord:
+    """The weights edit `abliterate` makes: the trial's, or the direction's at this scale."""
+    if trial is not None:
+        return trial.search.apply(model, trial.number, undo=undo, verify=verify)
+    return hf.orthogonalize_model_(
+        model, direction.direction, scale=scale, include_embeddings=include_embeddings, undo=undo, verify=verify
+    )
 
 
 def _check_inputs(model, opts: AbliterationOptions, direction, trial) -> None:
@@ -192,11 +254,10 @@ def abliterate(
     stopwatch.lap("direction")
     before = evaluate(model, tokenizer, prompts.harmful_val, prompts.harmless_val, max_new_tokens=opts.max_new_tokens)
     stopwatch.lap("evaluate_before")
-    hooks = None
-    if trial is not None:
-        trial.search.apply(model, trial.number)
-    elif opts.mode == "weights":
-        hf.orthogonalize_model_(model, direction.direction, scale=opts.scale)
+    hooks = record = None
+    include_embeddings = opts.include_embeddings and trial is None
+    if opts.mode == "weights":
+        record = _weights_edit(model, direction, trial, opts.scale, include_embeddings, opts.undo)
     else:
         hooks = hf.patch(model, direction.direction, scale=opts.scale)
     stopwatch.lap("apply")
@@ -221,4 +282,6 @@ def abliterate(
         timings=stopwatch.laps,
         examples=opts.examples,
         hooks=hooks,
+        include_embeddings=include_embeddings,
+        record=record,
     )

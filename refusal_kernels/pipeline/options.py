@@ -100,9 +100,16 @@ class AbliterationOptions:
     position: int | None = None
     selection: SelectionOptions = field(default_factory=SelectionOptions)
     examples: int = 5  # harmful prompts whose answers before and after the report shows
+    # Weights mode: also orthogonalize the token embeddings (a tied head is untied and kept).
+    include_embeddings: bool = True
+    # Weights mode: what orthogonalize_model_ keeps so that hf.undo_(report.record) restores the
+    # weights (False, True or "exact"); write_lora needs "exact".
+    undo: bool | str = False
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if (self.layer is None) != (self.position is None):
             raise ValueError("layer and position go together: give both or neither")
+        if self.mode != "weights" and (not self.include_embeddings or self.undo):
+            raise ValueError("include_embeddings=False and undo apply to the weights: use mode='weights'")

@@ -4,7 +4,8 @@ Files written by `DirectionResult.save(out_dir)`:
   direction.pt     tensors and metadata, loadable with torch.load(weights_only=True)
   direction.json   the same metadata, the per-candidate scores, timings and pass counts
   heatmaps.png     bypass, induce and KL over layer x position, as in the paper's figures
-`markdown_report` renders an abliteration's report.json as report.md.
+`markdown_report` renders an abliteration's report.json as report.md; `comparison_table`, its
+before/after table, is shared with the model card (`card.model_card`, README.md).
 """
 
 from __future__ import annotations
@@ -124,15 +125,10 @@ def plot_heatmaps(result: DirectionResult, file) -> None:
     plt.close(fig)
 
 
-def markdown_report(report: dict) -> str:
-    """report.md from the dict of report.json (`AbliterationReport.to_dict`)."""
-    before, after, direction = report["before"], report["after"], report["direction"]
-    lines = [
-        f"# Abliteration report: {report['model']}",
-        "",
-        f"Mode: {report['mode']}, scale {report['scale']}. Direction: layer {direction['layer']}, "
-        f"position {direction['position']} of {direction['n_layers']} layers.",
-        "",
+def comparison_table(before: dict, after: dict) -> list[str]:
+    """The before/after table, as Markdown lines, from report.json's "before" and "after":
+    refusal rates, the unclear rates where either side recorded them, and the KL."""
+    return [
         "| metric | before | after |",
         "| --- | ---: | ---: |",
         f"| refusal rate, harmful | {before['harmful_refusal']:.1%} | {after['harmful_refusal']:.1%} |",
@@ -143,6 +139,19 @@ def markdown_report(report: dict) -> str:
             if key in before or key in after
         ),
         f"| KL on harmless | | {after['kl']:.4f} |",
+    ]
+
+
+def markdown_report(report: dict) -> str:
+    """report.md from the dict of report.json (`AbliterationReport.to_dict`)."""
+    direction = report["direction"]
+    lines = [
+        f"# Abliteration report: {report['model']}",
+        "",
+        f"Mode: {report['mode']}, scale {report['scale']}. Direction: layer {direction['layer']}, "
+        f"position {direction['position']} of {direction['n_layers']} layers.",
+        "",
+        *comparison_table(report["before"], report["after"]),
         "",
         "![heatmaps](heatmaps.png)",
         "",

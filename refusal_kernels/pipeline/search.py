@@ -189,9 +189,11 @@ class SearchResult:
             variant=variant,
         )
 
-    def apply(self, model: nn.Module, number: int, *, undo: bool = False) -> hf.OrthogonalizationRecord:
+    def apply(
+        self, model: nn.Module, number: int, *, undo: bool | str = False, verify: bool = True
+    ) -> hf.OrthogonalizationRecord:
         """Edit `model` in place as trial `number` did (see `apply_trial`)."""
-        return apply_trial(model, self.trial(number).params, self.means, undo=undo)
+        return apply_trial(model, self.trial(number).params, self.means, undo=undo, verify=verify)
 
     def pareto_table(self) -> str:
         """The Pareto front as a Markdown table, with the baseline first."""
@@ -297,7 +299,12 @@ def trial_schedule(params: TrialParams, n_layers: int) -> Schedule:
 
 
 def apply_trial(
-    model: nn.Module, params: TrialParams, means: dict[str, torch.Tensor], *, undo: bool = False, verify: bool = True
+    model: nn.Module,
+    params: TrialParams,
+    means: dict[str, torch.Tensor],
+    *,
+    undo: bool | str = False,
+    verify: bool = True,
 ) -> hf.OrthogonalizationRecord:
     """Orthogonalize `model` in place with a trial's direction(s), schedule and norm preservation.
 
@@ -307,7 +314,8 @@ def apply_trial(
         model: the model the means were fitted on.
         params: the trial's parameters.
         means: {"harmful", "harmless"}: [n_layers, d_model] fp32 means at the trial's position.
-        undo: keep what `hf.undo_` needs to restore the weights.
+        undo: keep what `hf.undo_` needs to restore the weights (True or "exact", as
+            `hf.orthogonalize_model_`).
         verify: run `hf.orthogonalize_model_`'s self-check (`search` checks once, at setup).
 
     Returns:
