@@ -204,14 +204,14 @@ def obtain_direction(args, model, tokenizer, sets, spec: str):
     )
 
 
-def print_table(before, after, result, timings: dict[str, float]) -> None:
+def print_table(before, after, result, timings: dict[str, float], kl_tokens: int = 1) -> None:
     def pct(value):
         return f"{value:6.1%}"
 
     rows = [
         ("refusal rate, harmful (held out)", pct(before.harmful_refusal), pct(after.harmful_refusal)),
         ("refusal rate, harmless (held out)", pct(before.harmless_refusal), pct(after.harmless_refusal)),
-        ("KL(base || abliterated), harmless", "", f"{after.kl:.4f}"),
+        (f"KL(base || abliterated), harmless, {kl_tokens} token{'s' if kl_tokens > 1 else ''}", "", f"{after.kl:.4f}"),
         ("cross-entropy on base answers", f"{before.harmless_ce:.3f}", f"{after.harmless_ce:.3f}"),
     ]
     width = max(len(r[0]) for r in rows)
@@ -228,7 +228,13 @@ def evaluate_sets(model, tokenizer, sets, args, baseline=None):
     from .pipeline import evaluate
 
     return evaluate.evaluate(
-        model, tokenizer, sets.harmful_val, sets.harmless_val, baseline=baseline, max_new_tokens=args.max_new_tokens
+        model,
+        tokenizer,
+        sets.harmful_val,
+        sets.harmless_val,
+        baseline=baseline,
+        max_new_tokens=args.max_new_tokens,
+        kl_tokens=args.kl_tokens,
     )
 
 
@@ -321,6 +327,7 @@ def cmd_abliterate(args) -> int:
         mode=args.mode,
         scale=args.scale,
         max_new_tokens=args.max_new_tokens,
+        kl_tokens=args.kl_tokens,
         layer=args.layer,
         position=args.position,
         selection=selection_options(args),
@@ -337,7 +344,7 @@ def cmd_abliterate(args) -> int:
         report.sizes = {"source": source_bytes(spec), **write_outputs(report, model, tokenizer, spec, directory, args)}
         report.save(directory)
     report.timings["save"] = stopwatch.lap("save")
-    print_table(report.before, report.after, report.direction, report.timings)
+    print_table(report.before, report.after, report.direction, report.timings, report.kl_tokens)
     print("on disk: " + ", ".join(f"{name} {_size(size)}" for name, size in report.sizes.items() if size))
     print(f"saved to {out}")
     return 0
@@ -520,6 +527,16 @@ def _prompt_options(p: argparse.ArgumentParser, options_type=SelectionOptions) -
     )
 
 
+def _kl_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--kl-tokens",
+        type=int,
+        default=default(AbliterationOptions, "kl_tokens"),
+        metavar="N",
+        help="KL on harmless prompts over the first N positions of the base model's answers (1: the next token)",
+    )
+
+
 def _direction_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--direction", help="a direction.pt file (or a directory holding one) instead of finding one")
     p.add_argument("--layer", type=int, help="take the direction at this layer (with --position)")
@@ -552,6 +569,7 @@ def _direction_options(p: argparse.ArgumentParser) -> None:
 def _abliterate_command(p: argparse.ArgumentParser) -> None:
     _model_options(p)
     _prompt_options(p)
+    _kl_option(p)
     _direction_options(p)
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--mode", choices=MODES, default=default(AbliterationOptions, "mode"))
@@ -600,6 +618,7 @@ def _direction_command(p: argparse.ArgumentParser) -> None:
 def _evaluate_command(p: argparse.ArgumentParser) -> None:
     _model_options(p)
     _prompt_options(p)
+    _kl_option(p)
     p.add_argument("--direction")
 
 

@@ -187,6 +187,7 @@ FLAG_FIELDS = {
         "seed": (SelectionOptions, "seed"),
         "variant": (SelectionOptions, "variant"),
         "max_new_tokens": (AbliterationOptions, "max_new_tokens"),
+        "kl_tokens": (AbliterationOptions, "kl_tokens"),
         "mode": (AbliterationOptions, "mode"),
         "scale": (AbliterationOptions, "scale"),
     },

@@ -59,6 +59,7 @@ class AbliterationReport:
     # The model formats written beside the report: "hf", "gguf", "lora"; None when not recorded.
     outputs: list[str] | None = None
     include_embeddings: bool = True  # whether the weights edit took the direction out of the embeddings too
+    kl_tokens: int = 1  # the positions of the base model's harmless answers its KL averages over
     sizes: dict[str, int | None] | None = None  # bytes on disk: "source" and each output format written
     # Weights mode: what orthogonalize_model_ (or the trial's apply) returned, undo data as asked.
     record: hf.OrthogonalizationRecord | None = field(default=None, repr=False)
@@ -76,6 +77,7 @@ class AbliterationReport:
             "outputs": self.outputs,
             "mode": self.mode,
             "scale": self.scale,
+            "kl_tokens": self.kl_tokens,
             "include_embeddings": self.include_embeddings,
             "sizes": self.sizes,
             "trial": self.trial_summary(),
@@ -252,7 +254,8 @@ def abliterate(
             model, tokenizer, prompts, opts.selection, layer=opts.layer, position=opts.position, source=source
         )
     stopwatch.lap("direction")
-    before = evaluate(model, tokenizer, prompts.harmful_val, prompts.harmless_val, max_new_tokens=opts.max_new_tokens)
+    scoring = {"max_new_tokens": opts.max_new_tokens, "kl_tokens": opts.kl_tokens}
+    before = evaluate(model, tokenizer, prompts.harmful_val, prompts.harmless_val, **scoring)
     stopwatch.lap("evaluate_before")
     hooks = record = None
     include_embeddings = opts.include_embeddings and trial is None
@@ -261,14 +264,7 @@ def abliterate(
     else:
         hooks = hf.patch(model, direction.direction, scale=opts.scale)
     stopwatch.lap("apply")
-    after = evaluate(
-        model,
-        tokenizer,
-        prompts.harmful_val,
-        prompts.harmless_val,
-        baseline=before,
-        max_new_tokens=opts.max_new_tokens,
-    )
+    after = evaluate(model, tokenizer, prompts.harmful_val, prompts.harmless_val, baseline=before, **scoring)
     stopwatch.lap("evaluate_after")
     return AbliterationReport(
         source=source,
@@ -284,4 +280,5 @@ def abliterate(
         hooks=hooks,
         include_embeddings=include_embeddings,
         record=record,
+        kl_tokens=opts.kl_tokens,
     )

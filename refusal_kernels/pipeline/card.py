@@ -67,7 +67,7 @@ def model_card(report: dict) -> str:
         "Greedy answers to held-out prompts, judged by refusal phrases; KL of the next-token distribution on "
         "harmless prompts, against the original model.",
         "",
-        *comparison_table(report["before"], report["after"]),
+        *comparison_table(report["before"], report["after"], report.get("kl_tokens", 1)),
         "",
         "![scores of the candidate directions over layer x position](heatmaps.png)",
         "",

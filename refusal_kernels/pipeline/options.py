@@ -95,6 +95,7 @@ class AbliterationOptions:
     mode: str = "weights"  # "weights": orthogonalize the matrices in place; "hooks": ablate at run time
     scale: float = 1.0  # 1 removes the direction; see `refusal_kernels.ablate_`
     max_new_tokens: int = 64  # answer length when judging refusals
+    kl_tokens: int = 1  # positions of the base model's harmless answers the KL is averaged over
     # Both set: take the difference of means at this cell, unscored, instead of selecting one.
     layer: int | None = None
     position: int | None = None

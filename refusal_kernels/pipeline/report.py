@@ -125,9 +125,10 @@ def plot_heatmaps(result: DirectionResult, file) -> None:
     plt.close(fig)
 
 
-def comparison_table(before: dict, after: dict) -> list[str]:
+def comparison_table(before: dict, after: dict, kl_tokens: int = 1) -> list[str]:
     """The before/after table, as Markdown lines, from report.json's "before" and "after":
-    refusal rates, the unclear rates where either side recorded them, and the KL."""
+    refusal rates, the unclear rates where either side recorded them, and the KL over
+    kl_tokens positions of the base model's answers."""
     return [
         "| metric | before | after |",
         "| --- | ---: | ---: |",
@@ -138,7 +139,7 @@ def comparison_table(before: dict, after: dict) -> list[str]:
             for kind, key in (("harmful", "harmful_unclear"), ("harmless", "harmless_unclear"))
             if key in before or key in after
         ),
-        f"| KL on harmless | | {after['kl']:.4f} |",
+        f"| KL on harmless{'' if kl_tokens == 1 else f', first {kl_tokens} tokens'} | | {after['kl']:.4f} |",
     ]
 
 
@@ -151,7 +152,7 @@ def markdown_report(report: dict) -> str:
         f"Mode: {report['mode']}, scale {report['scale']}. Direction: layer {direction['layer']}, "
         f"position {direction['position']} of {direction['n_layers']} layers.",
         "",
-        *comparison_table(report["before"], report["after"]),
+        *comparison_table(report["before"], report["after"], report.get("kl_tokens", 1)),
         "",
         "![heatmaps](heatmaps.png)",
         "",
