@@ -21,7 +21,7 @@ import torch
 import transformers
 from safetensors.torch import load_file
 from test_hf_families import tiny_direction, tiny_model
-from test_hf_families_architectures import CAUSAL, build
+from test_hf_families_architectures import CAUSAL, IMAGE_TEXT, build
 from test_hf_hooks import _forward, _relative_difference
 from test_hf_weights_quantized import GPTQLinear, _quantize_writers
 from tiny_configs import randomize_, tiny_config
@@ -47,6 +47,14 @@ def _untied_gpt2() -> torch.nn.Module:
     return randomize_(transformers.GPT2LMHeadModel(config).eval())
 
 
+def _untied(model: torch.nn.Module) -> torch.nn.Module:
+    """`model` with an output head of its own, so that its token embedding is exported too."""
+    head = model.get_output_embeddings()
+    head.weight = torch.nn.Parameter(head.weight.detach().clone())
+    model.config.tie_word_embeddings = False
+    return model
+
+
 def _tiny_demo() -> torch.nn.Module:
     return transformers.AutoModelForCausalLM.from_pretrained(tiny_demo_path(), local_files_only=True).eval()
 
@@ -62,6 +70,7 @@ BUILDERS = {
     "gpt2": lambda: tiny_model("gpt2"),  # Conv1D [d_in, d_model] writers with biases, tied head
     "gemma2": lambda: tiny_model("gemma2"),  # post-sublayer (sandwich) norms: writers use normalize(g * r)
     "gemma3": lambda: tiny_model("gemma3"),
+    "gemma3_untied": lambda: _untied(tiny_model("gemma3")),  # a scaled token embedding: PEFT applies its embed_scale
     "olmo2": lambda: build(CAUSAL, "olmo2"),  # post-sublayer norms, untied head
     "gpt_neox": lambda: build(CAUSAL, "gpt_neox"),  # nn.Linear writers with biases, untied head
     "gpt2_untied": _untied_gpt2,  # Conv1D, biases, token and position embeddings
@@ -263,6 +272,10 @@ def _refused(model, tmp_path, message: str, **kwargs) -> None:
         ("qwen2_moe", r"model\.layers\.0\.mlp\.experts\.down_proj is a fused 3-D expert parameter"),
         # JetMoE's MoE adds a bias of its own, outside any projection.
         ("jetmoe", r"model\.layers\.0\.mlp\.bias \(JetMoeMoE\) is not the weight or bias of an nn\.Linear"),
+        (
+            "mamba",
+            r"backbone\.layers\.0\.mixer\.out_proj is named out_proj, which PEFT's LoRA refuses to wrap in a mamba model",
+        ),
     ],
 )
 def test_writers_peft_cannot_express_are_refused_by_name(family, message, tmp_path):
@@ -270,6 +283,32 @@ def test_writers_peft_cannot_express_are_refused_by_name(family, message, tmp_pa
         warnings.simplefilter("ignore")
         model = tiny_model(family) if family == "qwen2_moe" else build(CAUSAL, family)
     _refused(model, tmp_path, message, include_embeddings=False)
+
+
+def test_peft_refuses_a_lora_on_a_mamba_out_proj():
+    """Why the refusal: PEFT will not wrap it, so the adapter could not be loaded."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = build(CAUSAL, "mamba")
+    config = peft.LoraConfig(r=1, lora_alpha=1, target_modules=["backbone.layers.0.mixer.out_proj"])
+    with pytest.raises(ValueError, match="incompatible with Mamba-based models"):
+        peft.get_peft_model(model, config)
+
+
+@pytest.mark.parametrize(
+    ("registry", "family", "message"),
+    [
+        # A weight-less RMSNorm on the rows looked up: PEFT would add its lookup after the norm.
+        (IMAGE_TEXT, "muse_glimmer", r"model\.language_model\.embed_tokens \(MuseGlimmerTextNormedEmbedding\)"),
+        # Given the attention mask, it looks its rows up at the positions plus an offset.
+        (CAUSAL, "opt", r"model\.decoder\.embed_positions \(OPTLearnedPositionalEmbedding\)"),
+    ],
+)
+def test_embeddings_that_do_more_than_a_lookup_are_refused(registry, family, message, tmp_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = _untied(build(registry, family))
+    _refused(model, tmp_path, message + " computes more than a lookup of its rows")
 
 
 def test_conv1d_among_linear_writers_is_refused(tmp_path):

@@ -29,9 +29,14 @@ What a PEFT LoRA cannot express raises ValueError naming the writer, before anyt
 written: fused 3-D expert parameters, quantized writers (the update of the dequantized
 weight would not be the requantized edit `orthogonalize_model_` makes), a sublayer's own bias
 with no projection to attach it to, a model that mixes nn.Linear and Conv1D writers (one
-fan_in_fan_out for the whole adapter), and an edit of a token embedding that the output head
-is tied to: PEFT's merge adds the embedding update to the one matrix both share, so
-`merge_and_unload()` would edit the head too, which `orthogonalize_model_` keeps as it was.
+fan_in_fan_out for the whole adapter), a Mamba mixer's out_proj in the model types whose
+out_proj PEFT refuses to wrap (their fused kernels read the weight directly), an embedding
+whose forward is more than a lookup of its rows (a learned position embedding's offset, a norm
+on its output; a scalar `embed_scale` is PEFT's own convention and is applied to the LoRA too):
+PEFT adds the LoRA's lookup of the module's input to the module's output, which then is not
+the edit; and an edit of a token embedding that the output head is tied to: PEFT's merge adds
+the embedding update to the one matrix both share, so `merge_and_unload()` would edit the head
+too, which `orthogonalize_model_` keeps as it was.
 
 There is no norm_preserving option: that edit rescales every column by its own factor, so its
 update is not low rank.
@@ -71,6 +76,10 @@ _WEIGHT_KEYS = {
     _EMBEDDING: ("lora_embedding_A", "lora_embedding_B"),
 }
 _ALTERNATIVE = "use orthogonalize_model_ and save_abliterated to save the edited model instead"
+# PEFT's LoRA refuses modules of these names in these model types: their Mamba kernels read the
+# weights directly (peft.tuners.tuners_utils._check_lora_target_modules_mamba).
+_PEFT_MAMBA_MODEL_TYPES = frozenset({"falcon_h1", "falcon_mamba", "mamba", "mamba2", "nemotron_h"})
+_PEFT_MAMBA_MODULES = frozenset({"out_proj", "conv1d"})
 
 
 @dataclass(frozen=True)
@@ -127,6 +136,34 @@ def _kind(writer: families.ResidualWriter) -> str:
     )
 
 
+def _is_lookup(module: nn.Embedding) -> bool:
+    """Whether the module's output is its rows looked up, times at most a scalar `embed_scale`,
+    which PEFT's embedding LoRA multiplies its own lookup by."""
+    if type(module).forward is nn.Embedding.forward:
+        return True
+    scale = getattr(module, "embed_scale", None)
+    return isinstance(scale, (int, float)) or (isinstance(scale, torch.Tensor) and scale.numel() == 1)
+
+
+def _check_peft_wraps(model: nn.Module, parts: list[_Part]) -> None:
+    """ValueError naming the first module that PEFT refuses to wrap, or would wrap as something other than the edit."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    for part in parts:
+        leaf = part.module_name.rsplit(".", 1)[-1]
+        if model_type in _PEFT_MAMBA_MODEL_TYPES and leaf in _PEFT_MAMBA_MODULES:
+            raise ValueError(
+                f"{part.module_name} is named {leaf}, which PEFT's LoRA refuses to wrap in a {model_type} model (a "
+                f"Mamba mixer's, whose fused kernels read the weight directly); {_ALTERNATIVE}"
+            )
+        module = part.edit.writer.module
+        if part.kind == _EMBEDDING and not _is_lookup(module):
+            raise ValueError(
+                f"{part.module_name} ({type(module).__name__}) computes more than a lookup of its rows, and PEFT adds "
+                "its embedding LoRA's lookup of the module's input to that output, which is not the edit; pass "
+                f"include_embeddings=False, or {_ALTERNATIVE}"
+            )
+
+
 def _parts(model: nn.Module, structure: families.ModelStructure, edits: list[weights._Edit]) -> list[_Part]:
     """Every edit as an adapter part; raises ValueError naming what PEFT cannot express."""
     if not edits:
@@ -151,6 +188,7 @@ def _parts(model: nn.Module, structure: families.ModelStructure, edits: list[wei
             "merge_and_unload() would change the head too; pass include_embeddings=False, or use "
             "orthogonalize_model_ and save_abliterated, which unties the head"
         )
+    _check_peft_wraps(model, parts)
     return parts
 
 
