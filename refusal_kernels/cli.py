@@ -263,17 +263,6 @@ def output_formats(args, spec: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys(names))
 
 
-def check_rank_one(formats: Sequence[str], trial) -> None:
-    """A norm-preserving trial has no GGUF or LoRA form (its update is not rank 1): UsageError
-    before the model loads."""
-    rank_one = [name for name in formats if name in ("gguf", "lora")]
-    if trial is not None and rank_one and trial.search.trial(trial.number).params.norm_preserving:
-        raise UsageError(
-            f"--trial: trial {trial.number} is norm-preserving, which --format {rank_one[0]} cannot express "
-            "(each matrix's update is not rank 1); write it with --format hf"
-        )
-
-
 def load_trial(spec: str, args):
     """The SearchTrial named by --trial DIR_OR_FILE:N, checked before the model loads."""
     from .pipeline.abliterate import SearchTrial
@@ -304,7 +293,7 @@ def model_shape(model) -> tuple[int, int]:
 
 def cmd_abliterate(args) -> int:
     from . import hf
-    from .pipeline.abliterate import abliterate
+    from .pipeline.abliterate import abliterate, check_rank_one
 
     spec = resolve_model(args.model)
     out = check_out_dir(args.out, spec, args.overwrite)
@@ -312,7 +301,9 @@ def cmd_abliterate(args) -> int:
     if args.no_embeddings and args.mode != "weights":
         raise UsageError("--no-embeddings applies to the weights: use --mode weights")
     trial = load_trial(args.trial, args) if args.trial else None
-    check_rank_one(formats, trial)
+    for name in formats:  # a norm-preserving trial is refused before the model loads
+        if name in ("gguf", "lora"):
+            check_rank_one(trial, f"--format {name}")
     edits_embeddings = not args.no_embeddings and trial is None
     if "gguf" in formats:  # the file's own problems, before the model loads
         hf.gguf.check_gguf_file(spec, include_embeddings=edits_embeddings, requant=args.gguf_requant)
@@ -341,7 +332,7 @@ def cmd_abliterate(args) -> int:
     if report.hooks is not None:  # hooks are not part of a checkpoint: the direction and the report only
         report.hooks.remove()
     with hf.saving.atomic_directory(out, args.overwrite, hf.saving.protected_sources(model)) as directory:
-        report.sizes = {"source": source_bytes(spec), **write_outputs(report, model, tokenizer, spec, directory, args)}
+        report.sizes = {"source": model_bytes(spec), **write_outputs(report, model, tokenizer, spec, directory, args)}
         report.save(directory)
     report.timings["save"] = stopwatch.lap("save")
     print_table(report.before, report.after, report.direction, report.timings, report.kl_tokens)
@@ -354,7 +345,7 @@ def _size(nbytes: int) -> str:
     return f"{nbytes / 1e6:.1f} MB" if nbytes >= 1e6 else f"{nbytes / 1e3:.1f} kB"
 
 
-def source_bytes(spec: str) -> int | None:
+def model_bytes(spec: str | Path) -> int | None:
     """The bytes of a local model: a .gguf file, or a directory's safetensors; None for a hub ID."""
     path = Path(spec).expanduser()
     if path.is_file():
@@ -379,7 +370,7 @@ def write_outputs(report, model, tokenizer, spec: str, directory: Path, args) ->
         record = hf.saving.checkpoint_record(model, report.checkpoint_metadata())
         dtype = _dtype(args.dtype) or hf.saving.source_dtype(spec)
         hf.saving.write_abliterated(model, tokenizer, directory, record, dtype)
-        sizes["hf"] = sum(file.stat().st_size for file in directory.glob("*.safetensors"))
+        sizes["hf"] = model_bytes(directory)
     return sizes
 
 

@@ -256,21 +256,31 @@ def test_family_is_edited_correctly_or_refused(registry, model_type):
     print(f"{registry}:{model_type}: {kind} {detail}")
 
 
-if __name__ == "__main__":
+def print_tally(classify) -> None:
+    """One line per case of CASES, then the count of each outcome: classify(registry, model_type)
+    gives (kind, detail) for a case that is not skipped."""
     counts: dict[str, list[str]] = {}
     for case in CASES:
         registry, model_type = case.values
         if case.marks:
             kind, detail = "skipped", case.marks[0].kwargs["reason"]
         else:
-            try:
-                kind, detail = outcome(registry, model_type)
-            except AssertionError as error:
-                kind, detail = "SILENTLY WRONG", str(error).splitlines()[0]
-            except Exception as error:
-                kind, detail = "error", f"{type(error).__name__}: {str(error)[:150]}"
+            kind, detail = classify(registry, model_type)
         counts.setdefault(kind, []).append(model_type)
         print(f"{registry}:{model_type}: {kind} {detail}", flush=True)
     with contextlib.suppress(BrokenPipeError):
         for kind, names in counts.items():
             print(f"{kind}: {len(names)}: {' '.join(names)}")
+
+
+def _classified(registry: str, model_type: str) -> tuple[str, str]:
+    try:
+        return outcome(registry, model_type)
+    except AssertionError as error:
+        return "SILENTLY WRONG", str(error).splitlines()[0]
+    except Exception as error:
+        return "error", f"{type(error).__name__}: {str(error)[:150]}"
+
+
+if __name__ == "__main__":
+    print_tally(_classified)

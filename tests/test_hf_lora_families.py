@@ -17,7 +17,6 @@ file as a script for the tally (`python tests/test_hf_lora_families.py`).
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import re
 import tempfile
@@ -26,7 +25,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_hf_families_architectures import CASES, _logits, build
+from test_hf_families_architectures import CASES, _logits, build, print_tally
 from tolerances import TOLERANCES
 
 from refusal_kernels.hf import Schedule, StructureError, export_lora, orthogonalize_model_, weights
@@ -122,20 +121,13 @@ def test_family_is_exported_exactly_or_refused(registry, model_type, tmp_path):
     print(f"{registry}:{model_type}: {kind} {detail}")
 
 
+def _classified(registry: str, model_type: str) -> tuple[str, str]:
+    with tempfile.TemporaryDirectory() as directory:
+        try:
+            return lora_outcome(registry, model_type, Path(directory))
+        except (Exception, pytest.fail.Exception) as error:
+            return "FAILED", f"{type(error).__name__}: {_first_line(error)[:150]}"
+
+
 if __name__ == "__main__":
-    counts: dict[str, list[str]] = {}
-    for case in CASES:
-        registry, model_type = case.values
-        if case.marks:
-            kind, detail = "skipped", case.marks[0].kwargs["reason"]
-        else:
-            with tempfile.TemporaryDirectory() as directory:
-                try:
-                    kind, detail = lora_outcome(registry, model_type, Path(directory))
-                except (Exception, pytest.fail.Exception) as error:
-                    kind, detail = "FAILED", f"{type(error).__name__}: {_first_line(error)[:150]}"
-        counts.setdefault(kind, []).append(model_type)
-        print(f"{registry}:{model_type}: {kind} {detail}", flush=True)
-    with contextlib.suppress(BrokenPipeError):
-        for kind, names in counts.items():
-            print(f"{kind}: {len(names)}: {' '.join(names)}")
+    print_tally(_classified)

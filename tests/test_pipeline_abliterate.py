@@ -134,3 +134,19 @@ def test_write_lora_needs_an_exact_record(model, tokenizer, prompts, tmp_path):
     with pytest.raises(ValueError, match="undo='exact'"):
         report.write_lora(model, tmp_path / "lora")
     assert not (tmp_path / "lora").exists()
+
+
+@pytest.mark.parametrize("norm_preserving", [True, False])
+def test_a_norm_preserving_trial_has_no_rank_one_form(norm_preserving):
+    from types import SimpleNamespace
+
+    from refusal_kernels.pipeline.abliterate import check_rank_one
+
+    params = SimpleNamespace(norm_preserving=norm_preserving)
+    trial = SimpleNamespace(number=3, search=SimpleNamespace(trial=lambda number: SimpleNamespace(params=params)))
+    if norm_preserving:
+        with pytest.raises(ValueError, match="trial 3 is norm-preserving, which a LoRA adapter cannot express"):
+            check_rank_one(trial, "a LoRA adapter")
+    else:
+        check_rank_one(trial, "a LoRA adapter")
+    check_rank_one(None, "a LoRA adapter")

@@ -116,12 +116,8 @@ class AbliterationReport:
         which has no form in a GGUF or a LoRA (its update is not rank 1 in each matrix)."""
         if self.trial is None:
             return {"scale": self.scale, "include_embeddings": self.include_embeddings}
+        check_rank_one(self.trial, output)
         params = self.trial.search.trial(self.trial.number).params
-        if params.norm_preserving:
-            raise ValueError(
-                f"trial {self.trial.number} is norm-preserving, which {output} cannot express (each "
-                "matrix's update is not rank 1); write it with --format hf"
-            )
         return {"scale": trial_schedule(params, self.trial.search.n_layers), "include_embeddings": False}
 
     def write_gguf(
@@ -177,6 +173,16 @@ class AbliterationReport:
         atomic_write(out / "report.md", lambda f: f.write(markdown_report(report).encode()))
         atomic_write(out / "README.md", lambda f: f.write(model_card(report).encode()))
         return out
+
+
+def check_rank_one(trial: SearchTrial | None, output: str) -> None:
+    """ValueError if `trial` is norm-preserving, which `output` (a GGUF edit, a LoRA adapter)
+    cannot express: each matrix's update is then not rank 1."""
+    if trial is not None and trial.search.trial(trial.number).params.norm_preserving:
+        raise ValueError(
+            f"trial {trial.number} is norm-preserving, which {output} cannot express (each "
+            "matrix's update is not rank 1); write it with --format hf"
+        )
 
 
 def _weights_edit(
