@@ -164,6 +164,7 @@ def selection_options(args):
         n_val=args.n_val,
         seed=args.seed,
         filter_prompts=not args.all_prompts,
+        fallback=not args.no_fallback,
         variant=args.variant,
         **thresholds,
     )
@@ -219,7 +220,10 @@ def print_table(before, after, result, timings: dict[str, float], kl_tokens: int
     print(f"{'':{width}}  {'before':>8}  {'after':>8}")
     for name, b, a in rows:
         print(f"{name:{width}}  {b:>8}  {a:>8}")
-    print(f"direction: layer {result.layer}, position {result.position} (of {result.n_layers} layers)")
+    print(
+        f"direction: layer {result.layer}, position {result.position} (of {result.n_layers} layers), "
+        f"chosen by the {result.rule!r} rule"
+    )
     print("time: " + ", ".join(f"{stage} {seconds:.1f}s" for stage, seconds in timings.items()))
 
 
@@ -542,6 +546,11 @@ def _direction_options(p: argparse.ArgumentParser) -> None:
         "--induce-threshold",
         help=f"drop candidates whose added direction scores at or below this, or 'off' "
         f"({PAPER_SELECTION['induce_threshold']}; default model and tiny-demo off)",
+    )
+    p.add_argument(
+        "--no-fallback",
+        action="store_true",
+        help="fail when the thresholds leave no candidate, instead of choosing by the fallback rules",
     )
     p.add_argument(
         "--all-prompts",

@@ -18,6 +18,7 @@ import pytest
 import torch
 import transformers
 from gguf_files import D_FF, D_FF_EXPERT, D_MODEL, HEAD_DIM, POST_NORMS, write
+from llama_cpp_runner import load_llama
 from test_hf_gguf import RELATIVE_RMS_BOUND, _values
 
 from refusal_kernels import reference
@@ -94,9 +95,7 @@ def test_llama_cpp_runs_the_output_as_transformers_runs_orthogonalize_models_edi
         want = expected(tokens).logits[0].numpy()
         before = _load(tmp_path, arch, "src.gguf")(tokens).logits[0].numpy()
     f32 = llama_cpp.GGML_TYPE_F32
-    model = llama_cpp.Llama(
-        str(tmp_path / "out.gguf"), n_ctx=16, logits_all=True, type_k=f32, type_v=f32, verbose=False
-    )
+    model = load_llama(tmp_path / "out.gguf", n_ctx=16, logits_all=True, type_k=f32, type_v=f32, verbose=False)
     model.eval(TOKENS)
     got = np.asarray(model.scores[: len(TOKENS)])
     assert np.abs(got - want).max() < LOGITS_BOUND * np.abs(want - before).max()
@@ -151,7 +150,7 @@ def test_gemma2s_embeddings_are_refused_since_llama_cpp_reads_its_head_from_them
 
 
 def test_llama_cpp_refuses_a_gemma2_file_with_its_own_head(tmp_path):
-    llama_cpp = pytest.importorskip("llama_cpp")
+    pytest.importorskip("llama_cpp")
     untied = write(tmp_path / "untied.gguf", arch="gemma2", tied=False)
     with pytest.raises(ValueError, match="Failed to load model"):
-        llama_cpp.Llama(str(untied), n_ctx=16, verbose=False)
+        load_llama(untied, n_ctx=16, verbose=False)

@@ -17,6 +17,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
+from llama_cpp_runner import load_llama
 
 from refusal_kernels import hf
 
@@ -59,9 +60,8 @@ def test_the_tied_head_is_untied_with_the_original_embedding(smollm2, edited):
 
 def test_llama_cpp_loads_and_runs_the_edited_file(edited):
     _require(importlib.util.find_spec("llama_cpp") is not None, "llama-cpp-python (bash scripts/llama_cpp.sh)")
-    import llama_cpp
 
-    llama = llama_cpp.Llama(model_path=str(edited[1].path), n_ctx=256, seed=0, verbose=False)
+    llama = load_llama(edited[1].path, n_ctx=256, seed=0, verbose=False)
     answer = llama.create_chat_completion(
         [{"role": "user", "content": "What is the capital of France?"}], max_tokens=16, temperature=0.0
     )["choices"][0]["message"]["content"]

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from llama_cpp_runner import load_llama
 
 from refusal_kernels import hf
 from refusal_kernels.models import default as default_model
@@ -189,9 +190,8 @@ def gguf_output(found, tmp_path_factory):
 def llama_cpp_answers(gguf_output):
     """llama.cpp's greedy answers to harmful_val with the GGUF output."""
     _require(importlib.util.find_spec("llama_cpp") is not None, "llama-cpp-python (bash scripts/llama_cpp.sh)")
-    import llama_cpp
 
-    llama = llama_cpp.Llama(model_path=str(gguf_output), n_ctx=512, seed=0, verbose=False)
+    llama = load_llama(gguf_output, n_ctx=512, seed=0, verbose=False)
     chat = llama.create_chat_completion
     answers = [
         chat([{"role": "user", "content": prompt}], max_tokens=48, temperature=0.0)["choices"][0]["message"]["content"]

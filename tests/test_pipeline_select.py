@@ -4,7 +4,8 @@ import pytest
 import torch
 from test_pipeline_scoring import PROMPTS, REFUSAL_TOKENS, llama_sites
 
-from refusal_kernels.pipeline import judge
+from refusal_kernels.pipeline import judge, select
+from refusal_kernels.pipeline.options import SelectionOptions
 from refusal_kernels.pipeline.report import DirectionResult
 from refusal_kernels.pipeline.scoring import last_token_logits
 from refusal_kernels.pipeline.select import NoCandidateError, find_direction
@@ -74,11 +75,39 @@ def test_selected_candidate_passes_the_filters(tiny_llama, tiny_tokenizer):
     assert result.filtered["layer"] == (result.n_layers - 2) * n_positions  # layers 2.. of 3
     assert result.filtered["zero"] == n_positions  # layer 0: identical template embeddings
     assert result.layer == 1
+    assert result.rule == "filters"
 
 
-def test_nothing_survives_says_which_filter(tiny_llama, tiny_tokenizer):
+def test_nothing_survives_says_which_filter_without_fallback(tiny_llama, tiny_tokenizer):
     with pytest.raises(NoCandidateError, match=r"for KL > -1\.0"):
-        run(tiny_llama, tiny_tokenizer, kl_threshold=-1.0)
+        run(tiny_llama, tiny_tokenizer, kl_threshold=-1.0, fallback=False)
+
+
+def test_induce_relaxed_when_nothing_induces(tiny_llama, tiny_tokenizer):
+    result = run(tiny_llama, tiny_tokenizer, kl_threshold=10.0, induce_threshold=1e9, exhaustive=True)
+    assert result.rule == "kl_only"
+    within_kl = result.scores["kl"] <= 10.0
+    assert result.score("bypass") == pytest.approx(result.scores["bypass"][within_kl].min().item())
+    assert result.filtered["induce"] > 0
+
+
+def test_kl_band_when_nothing_is_within_the_kl_bound(tiny_llama, tiny_tokenizer):
+    result = run(tiny_llama, tiny_tokenizer, kl_threshold=-1.0, exhaustive=True)
+    assert result.rule == "kl_band"
+    kl, bypass = result.scores["kl"], result.scores["bypass"]
+    in_band = kl <= select.KL_BAND * kl.nan_to_num(float("inf")).min()
+    assert result.score("kl") <= select.KL_BAND * kl.nan_to_num(float("inf")).min().item()
+    assert result.score("bypass") == pytest.approx(bypass[in_band].min().item())
+
+
+def test_kl_band_takes_the_best_bypass_within_twice_the_lowest_kl():
+    scoring = select._Scoring(None, torch.ones(2, 2, 4), None, SelectionOptions(max_layer_fraction=1.0))
+    scoring.scores["kl"] = torch.tensor([[0.5, 0.9], [1.1, 3.0]])
+    scoring.scores["bypass"] = torch.tensor([[2.0, 1.0], [-1.0, -5.0]])
+    assert scoring.fallback([]) == ([(2.0, 0, 0), (1.0, 0, 1)], "kl_band")
+    assert scoring.fallback([(1, 1)]) == ([(-5.0, 1, 1)], "kl_only")
+    scoring.scores["kl"][:] = float("nan")
+    assert scoring.fallback([]) == ([], "kl_band")  # nothing scored: no candidate to fall back on
 
 
 def test_halving_uses_fewer_passes_than_exhaustive(tiny_llama, tiny_tokenizer):
@@ -97,9 +126,10 @@ def test_result_round_trips_through_files(tiny_llama, tiny_tokenizer, tmp_path):
     assert {p.name for p in tmp_path.iterdir()} == {"direction.pt", "direction.json", "heatmaps.png"}
     loaded = DirectionResult.load(tmp_path)
     assert torch.equal(loaded.direction, result.direction)
-    assert (loaded.layer, loaded.position, loaded.refusal_tokens) == (
+    assert (loaded.layer, loaded.position, loaded.refusal_tokens, loaded.rule) == (
         result.layer,
         result.position,
         result.refusal_tokens,
+        result.rule,
     )
     assert (tmp_path / "heatmaps.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

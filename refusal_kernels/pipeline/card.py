@@ -132,7 +132,8 @@ def _what_was_done(report: dict) -> list[str]:
     return [
         f"- Method: {method[report['mode']]}, at scale {report['scale']} (1 removes the direction's whole component).",
         f"- Direction: layer {direction['layer']} of {direction['n_layers']}, post-instruction position "
-        f"{direction['position']} (-1 is the last token), variant `{direction['variant']}`.",
+        f"{direction['position']} (-1 is the last token), variant `{direction['variant']}`, chosen by the "
+        f"`{direction['rule']}` selection rule.",
         f"- Prompts (after filtering): {counts}.",
     ]
 

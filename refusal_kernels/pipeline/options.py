@@ -45,6 +45,9 @@ class SelectionOptions(FitOptions):
     keep_fraction: float = 0.25  # fraction kept after each round
     finalists: int = 4  # candidates per chunk scored for KL and induce, best bypass first
     exhaustive: bool = False  # score every candidate on everything (slow; for comparison)
+    # When the filters leave nothing, choose by the fallback rules (see `select`) instead of
+    # raising NoCandidateError.
+    fallback: bool = True
     variant: str = variants.DIFFERENCE  # which candidates (see `variants.candidates`)
 
     def __post_init__(self) -> None:

@@ -37,6 +37,8 @@ class DirectionResult:
     forward_passes: dict[str, int] = field(default_factory=dict)  # "used", "exhaustive"
     source: str = ""
     variant: str = "difference"  # how the direction was built from the means (see `variants`)
+    # which selection rule chose it (one of `select.RULES`), or "given": the caller named the cell
+    rule: str = "filters"
 
     def score(self, name: str) -> float:
         return float(self.scores[name][self.layer, self.positions.index(self.position)])
@@ -67,6 +69,7 @@ class DirectionResult:
             "refusal_tokens": self.refusal_tokens,
             "source": self.source,
             "variant": self.variant,
+            "rule": self.rule,
         }
 
     @classmethod

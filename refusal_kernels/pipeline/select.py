@@ -10,6 +10,16 @@
    harmless prompts with r added at its layer).
 4. select: drop layers >= 0.8 L, KL > 0.1 and induce <= 0; take the lowest bypass.
 
+Selection never dead-ends on a model that has candidates: when the filters of step 4 leave
+nothing, the first of these rules that has cells chooses (`DirectionResult.rule` records which):
+
+- "filters": the paper's rule above;
+- "kl_only": induce relaxed, the lowest bypass among the cells within the KL bound;
+- "kl_band": nothing within the KL bound, the lowest bypass among the scored cells whose KL is
+  at most KL_BAND times the lowest KL scored.
+
+`fallback=False` keeps the paper's rule alone and raises NoCandidateError instead.
+
 Speed comes from scoring many candidates per forward pass (each row carries its own), from
 successive halving on bypass (every candidate on a few prompts, the best fraction on more),
 and from computing baseline logits once. Exhaustive scoring (every metric for every candidate
@@ -194,6 +204,7 @@ def direction_at(
         timings={"capture": stopwatch.lap("capture")},
         source=source,
         variant=opts.variant,
+        rule="given",
     )
 
 
@@ -236,8 +247,10 @@ def find_direction(
     run = _Scoring(scorer, directions, val, opts)
     within_kl = run.within_kl_by_bypass()
     stopwatch.lap("bypass_kl")
-    passing = run.induce_until_passing(within_kl)
+    passing, rule = run.induce_until_passing(within_kl), "filters"
     stopwatch.lap("induce")
+    if not passing and opts.fallback:
+        passing, rule = run.fallback(within_kl)
     if not passing:
         raise run.no_candidate_error()
     _, layer, p = min(passing)
@@ -255,6 +268,7 @@ def find_direction(
         forward_passes={"used": scorer.sequences, "exhaustive": run.exhaustive_sequences(baseline_sequences)},
         source=source,
         variant=opts.variant,
+        rule=rule,
     )
 
 
@@ -310,6 +324,10 @@ _Cell = tuple[int, int]
 
 # Early rounds see few prompts, so only a KL estimate this far above the bound prunes there.
 EARLY_KL_SLACK = 2.0
+# The "kl_band" rule's band: twice the lowest KL still admits candidates that bypass far
+# better, while keeping the pick's cost within a factor of the cheapest candidate's.
+KL_BAND = 2.0
+RULES = ("filters", "kl_only", "kl_band")
 
 
 @dataclass
@@ -388,6 +406,18 @@ class _Scoring:
             not_reached=len(within_kl) - len(scored),
         )
         return passing
+
+    def fallback(self, within_kl: list[_Cell]) -> tuple[list[tuple[float, int, int]], str]:
+        """The candidates of the first fallback rule that has any (see the module docstring),
+        as (bypass, layer, p), and the rule's name; nothing when no cell was scored."""
+        if within_kl:
+            return self._with_bypass(within_kl), "kl_only"
+        bypass, kl = self.scores["bypass"], self.scores["kl"]
+        scored = [(layer, p) for layer, p in self.eligible if math.isfinite(bypass[layer, p] + kl[layer, p])]
+        if not scored:
+            return [], "kl_band"
+        band = KL_BAND * min(kl[cell].item() for cell in scored)
+        return self._with_bypass([cell for cell in scored if kl[cell] <= band]), "kl_band"
 
     def no_candidate_error(self) -> NoCandidateError:
         """The error when no cell passed: which filter removed how many, with every score."""
