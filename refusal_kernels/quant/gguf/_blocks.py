@@ -9,7 +9,6 @@ import torch
 
 from ... import reference
 from ..._checks import GGUF_LAYOUTS, check_gguf_arguments, check_gguf_blocks, check_nonzero_finite
-from .._common import orthogonalized_float
 
 LAYOUTS = GGUF_LAYOUTS
 
@@ -36,6 +35,15 @@ def fp16_bytes(values: torch.Tensor) -> torch.Tensor:
     return values.to(torch.float16).view(torch.uint8)
 
 
+def add_column_component(total: torch.Tensor, unit: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """total + unit^T weight [row_length], summed down the rows in order with each product rounded
+    before its sum: the C++ kernels' column pass, bit for bit. torch's `unit @ weight` sums in an
+    order that depends on the machine's BLAS, which moves the requantized blocks by a step."""
+    for row in range(weight.shape[0]):
+        total = total + unit[row] * weight[row]
+    return total
+
+
 def orthogonalize_blocks_(
     blocks: torch.Tensor,
     row_length: int,
@@ -50,10 +58,12 @@ def orthogonalize_blocks_(
     updated values (finite) are checked here, before the write."""
     check_gguf_arguments(blocks, row_length, direction, scale, layout)
     weight = dequantize(blocks)
+    check_nonzero_finite(direction)
     if layout == "matrix":
-        updated = orthogonalized_float(weight, direction, scale)
+        unit = reference.unit(direction)
+        component = add_column_component(weight.new_zeros(row_length), unit, weight)
+        updated = weight - (scale * unit)[:, None] * component
     else:
-        check_nonzero_finite(direction)
         updated = reference.ablate(weight, direction, scale)
     if not bool(torch.isfinite(updated).all()):
         raise ValueError("blocks must dequantize to finite values that stay finite in float32 after the update")

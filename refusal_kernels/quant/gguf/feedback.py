@@ -30,6 +30,7 @@ from types import ModuleType
 import torch
 
 from ..._checks import check_passes
+from ._blocks import add_column_component
 
 # Rows dequantized at a time by the feedback passes.
 CHUNK_ROWS = 256
@@ -50,7 +51,7 @@ def _along(blocks: torch.Tensor, codec: ModuleType, type_name: str, unit: torch.
     values_per_block, bytes_per_block = codec.FORMATS[type_name]
     total = torch.zeros(blocks.shape[1] // bytes_per_block * values_per_block, device=blocks.device)
     for rows in _chunks(blocks.shape[0]):
-        total += unit[rows] @ codec.dequantize(blocks[rows], type_name)
+        total = add_column_component(total, unit[rows], codec.dequantize(blocks[rows], type_name))
     return total
 
 
