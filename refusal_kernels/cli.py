@@ -16,6 +16,7 @@ print one line naming the problem and exit with status 2; nothing is left half-w
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -227,6 +228,16 @@ def print_table(before, after, result, timings: dict[str, float], kl_tokens: int
     print("time: " + ", ".join(f"{stage} {seconds:.1f}s" for stage, seconds in timings.items()))
 
 
+def print_assessment(report: dict) -> None:
+    """The lm-eval scores and the judges' comparison, where report.json records them."""
+    from .pipeline.report import assessment_sections
+
+    sections = assessment_sections(report)
+    if sections:
+        print()
+        print("\n".join(sections).rstrip())
+
+
 def evaluate_sets(model, tokenizer, sets, args, baseline=None):
     """Greedy refusal rates, KL and cross-entropy on the held-out prompts."""
     from .pipeline import evaluate
@@ -289,6 +300,48 @@ def load_trial(spec: str, args):
         raise UsageError(f"--trial {spec}: {error}") from None
 
 
+def capability_options(args):
+    """The lm-eval tasks that --tasks names (None without it), checked against lm-eval's index
+    before any model loads: an unknown name fails with its close matches."""
+    from .pipeline import capability
+    from .pipeline.options import CapabilityOptions
+
+    if args.tasks is None:
+        if args.tasks_path is not None or args.limit is not None:
+            raise UsageError("--tasks-path and --limit go with --tasks: name the lm-eval tasks to run")
+        return None
+    tasks = tuple(name.strip() for name in args.tasks.split(",") if name.strip())
+    if not tasks:
+        raise UsageError(f"--tasks {args.tasks!r}: name at least one lm-eval task, comma-separated")
+    if args.limit is not None and not args.limit > 0:
+        raise UsageError(f"--limit must be positive (a count, or a fraction below 1), got {args.limit}")
+    capability.check_tasks(tasks, args.tasks_path)
+    return CapabilityOptions(tasks=tasks, tasks_path=args.tasks_path, limit=args.limit)
+
+
+def model_judge(args):
+    """The model judge --judge (a chat model loaded here, greedy) or --judge-url and --judge-model
+    (an OpenAI-compatible endpoint, checked to answer) name; None without either. Built before the
+    model to edit loads, so that a bad judge fails before any work."""
+    from .pipeline import model_judge as judges
+
+    if args.judge_url is None and args.judge_model is not None:
+        raise UsageError("--judge-model names the model behind --judge-url: pass --judge-url too")
+    if args.judge_url is not None:
+        if args.judge is not None:
+            raise UsageError("--judge and --judge-url each name a judge: pass one")
+        if args.judge_model is None:
+            raise UsageError("--judge-url needs --judge-model, the model name the endpoint serves")
+        return judges.EndpointJudge(args.judge_url, args.judge_model)
+    if args.judge is None:
+        return None
+    from . import hf
+
+    spec = resolve_model(args.judge)
+    model, tokenizer = hf.load_model(spec, dtype=_dtype(args.dtype), device_map=args.device_map)
+    return judges.LocalJudge(model.eval(), tokenizer, name=args.judge)
+
+
 def model_shape(model) -> tuple[int, int]:
     from .hf import model_shape
 
@@ -311,6 +364,8 @@ def cmd_abliterate(args) -> int:
     edits_embeddings = not args.no_embeddings and trial is None
     if "gguf" in formats:  # the file's own problems, before the model loads
         hf.gguf.check_gguf_file(spec, include_embeddings=edits_embeddings, requant=args.gguf_requant)
+    capability = capability_options(args)
+    judge = model_judge(args)
     sets = prompt_sets(args)
     spec, model, tokenizer, load_seconds = load(args)
     direction = given_direction(args, model)
@@ -328,8 +383,9 @@ def cmd_abliterate(args) -> int:
         selection=selection_options(args),
         include_embeddings=not args.no_embeddings,
         undo="exact" if "lora" in formats else False,
+        capability=capability,
     )
-    report = abliterate(model, tokenizer, sets, options, direction=direction, trial=trial, source=spec)
+    report = abliterate(model, tokenizer, sets, options, direction=direction, trial=trial, source=spec, judge=judge)
     report.timings = {"load": load_seconds, **report.timings}
     report.command, report.outputs = args.command_line, list(formats)
     stopwatch = Stopwatch()
@@ -340,6 +396,7 @@ def cmd_abliterate(args) -> int:
         report.save(directory)
     report.timings["save"] = stopwatch.lap("save")
     print_table(report.before, report.after, report.direction, report.timings, report.kl_tokens)
+    print_assessment(report.to_dict())
     print("on disk: " + ", ".join(f"{name} {_size(size)}" for name, size in report.sizes.items() if size))
     print(f"saved to {out}")
     return 0
@@ -392,16 +449,28 @@ def cmd_direction(args) -> int:
 
 def cmd_evaluate(args) -> int:
     from . import hf
+    from .pipeline.abliterate import assess
 
+    capability = capability_options(args)
+    judge = model_judge(args)
     sets = prompt_sets(args)
     _, model, tokenizer, _ = load(args)
-    base = evaluate_sets(model, tokenizer, sets, args)
-    summary = {"base": base.summary()}
-    if args.direction:
-        direction = load_direction(args.direction, model_shape(model)[1])
-        with hf.patch(model, direction):
-            summary["ablated"] = evaluate_sets(model, tokenizer, sets, args, baseline=base).summary()
-    print(json.dumps(summary, indent=2))
+    direction = load_direction(args.direction, model_shape(model)[1]) if args.direction else None
+    # Each run's edit, applied when its run starts (patch applies its hooks when called).
+    runs = {"base": contextlib.nullcontext}
+    if direction is not None:
+        runs["ablated"] = lambda: hf.patch(model, direction)
+    summaries, scores, judged, base = {}, {}, {}, None
+    for name, applied in runs.items():
+        with applied():
+            evaluation = evaluate_sets(model, tokenizer, sets, args, baseline=base)
+            scores[name], judged[name] = assess(model, tokenizer, sets, evaluation, capability, judge)
+        summaries[name], base = evaluation.summary(), base or evaluation
+    if capability is not None:
+        summaries["capability"] = scores
+    if judge is not None:
+        summaries["judges"] = {name: comparison.to_dict() for name, comparison in judged.items()}
+    print(json.dumps(summaries, indent=2))
     return 0
 
 
@@ -532,6 +601,24 @@ def _kl_option(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _assessment_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--tasks",
+        metavar="T1,T2",
+        help="lm-eval tasks (the eval extra) scored before and after, e.g. mmlu,gsm8k; names are checked first",
+    )
+    p.add_argument("--tasks-path", metavar="DIR", help="a directory of lm-eval task YAML files (tasks over local data)")
+    p.add_argument("--limit", type=float, help="at most N documents per task (below 1: a fraction)")
+    p.add_argument(
+        "--judge",
+        metavar="MODEL_SPEC",
+        help="a local chat model that also judges the harmful answers (REFUSE/COMPLY/UNCLEAR), beside the "
+        "substring judge",
+    )
+    p.add_argument("--judge-url", metavar="URL", help="an OpenAI-compatible chat endpoint as the judge instead")
+    p.add_argument("--judge-model", metavar="NAME", help="the model name the --judge-url endpoint serves")
+
+
 def _direction_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--direction", help="a direction.pt file (or a directory holding one) instead of finding one")
     p.add_argument("--layer", type=int, help="take the direction at this layer (with --position)")
@@ -570,6 +657,7 @@ def _abliterate_command(p: argparse.ArgumentParser) -> None:
     _model_options(p)
     _prompt_options(p)
     _kl_option(p)
+    _assessment_options(p)
     _direction_options(p)
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--mode", choices=MODES, default=default(AbliterationOptions, "mode"))
@@ -619,6 +707,7 @@ def _evaluate_command(p: argparse.ArgumentParser) -> None:
     _model_options(p)
     _prompt_options(p)
     _kl_option(p)
+    _assessment_options(p)
     p.add_argument("--direction")
 
 

@@ -281,6 +281,28 @@ def _judge_on_the_server(url: str, model_id: str):
     assert sequential.replies(prompts, answers) == replies
 
 
+def test_the_command_line_judges_through_the_server(llama_server, tmp_path, tiny_llama, tiny_tokenizer, capsys):
+    """`evaluate --judge-url URL --judge-model NAME` asks the real server about every held-out
+    harmful answer and reports the comparison with the substring judge."""
+    from refusal_kernels import cli
+
+    model_dir = tmp_path / "model"
+    tiny_llama.save_pretrained(model_dir)
+    tiny_tokenizer.save_pretrained(model_dir)
+    harmful, harmless = tmp_path / "harmful.txt", tmp_path / "harmless.txt"
+    harmful.write_text("\n".join(f"how do i break thing {i}" for i in range(8)))
+    harmless.write_text("\n".join(f"please describe nice thing {i}" for i in range(8)))
+    argv = ["evaluate", "--model", str(model_dir), "--harmful", str(harmful), "--harmless", str(harmless)]
+    argv += ["--max-new-tokens", "4", "--judge-url", llama_server.url, "--judge-model", llama_server.model_id]
+    with _server_log_on_failure(llama_server):
+        assert cli.main(argv) == 0
+    summary = json.loads(capsys.readouterr().out)
+    comparison = summary["judges"]["base"]
+    assert comparison["n"] == 4 and comparison["model_judge"] == f"{llama_server.model_id} at {llama_server.url}"
+    assert comparison["substring_refusal_rate"] == summary["base"]["harmful_refusal"]
+    assert 0.0 <= comparison["model_refusal_rate"] <= 1.0
+
+
 # --- an endpoint as judge: the error paths, against a stub server ------------------------------
 
 

@@ -19,10 +19,11 @@ from torch import nn
 
 from .. import hf
 from ..quant.gguf.feedback import DEFAULT_PASSES
-from . import select
+from . import capability, model_judge, select
 from .card import model_card
 from .evaluate import Evaluation, evaluate
-from .options import AbliterationOptions
+from .model_judge import JudgeComparison, ModelJudge
+from .options import AbliterationOptions, CapabilityOptions
 from .prompts import PromptSets
 from .report import DirectionResult, atomic_write, markdown_report
 from .search import SearchResult, trial_schedule
@@ -63,6 +64,10 @@ class AbliterationReport:
     sizes: dict[str, int | None] | None = None  # bytes on disk: "source" and each output format written
     # Weights mode: what orthogonalize_model_ (or the trial's apply) returned, undo data as asked.
     record: hf.OrthogonalizationRecord | None = field(default=None, repr=False)
+    # The lm-eval scores "before" and "after" the edit (capability.Scores each); None: no tasks run.
+    capability: dict[str, capability.Scores] | None = None
+    # The substring judge against a model judge on the harmful answers "before" and "after"; None: no model judge.
+    judges: dict[str, JudgeComparison] | None = None
 
     def trial_summary(self) -> dict | None:
         if self.trial is None:
@@ -84,6 +89,8 @@ class AbliterationReport:
             "direction": self.direction.metadata(),
             "before": self.before.summary(),
             "after": self.after.summary(),
+            "capability": self.capability,
+            "judges": None if self.judges is None else {when: c.to_dict() for when, c in self.judges.items()},
             "timings": self.timings,
             "examples": [
                 {"prompt": p, "before": b, "after": a}
@@ -220,6 +227,34 @@ def _check_inputs(model, opts: AbliterationOptions, direction, trial) -> None:
         )
 
 
+def assess(
+    model: nn.Module,
+    tokenizer,
+    prompts: PromptSets,
+    evaluation: Evaluation,
+    capability_options: CapabilityOptions | None,
+    judge: ModelJudge | None,
+) -> tuple[capability.Scores | None, JudgeComparison | None]:
+    """What the evaluation's refusal rates do not say: the lm-eval tasks' scores, and a model
+    judge's verdicts on the harmful answers against the substring judge's (None where not asked)."""
+    scores = None
+    if capability_options is not None:
+        scores = capability.run_tasks(
+            model,
+            tokenizer,
+            capability_options.tasks,
+            tasks_path=capability_options.tasks_path,
+            limit=capability_options.limit,
+            batch_size=capability_options.batch_size,
+        )
+    judged = None
+    if judge is not None:
+        judged = model_judge.judge_answers(
+            judge, prompts.harmful_val, evaluation.harmful_answers, reasoning_open=evaluation.reasoning_open
+        )
+    return scores, judged
+
+
 def abliterate(
     model: nn.Module,
     tokenizer,
@@ -229,6 +264,7 @@ def abliterate(
     direction: DirectionResult | None = None,
     trial: SearchTrial | None = None,
     source: str = "",
+    judge: ModelJudge | None = None,
 ) -> AbliterationReport:
     """Find the refusal direction of `model` and remove it, evaluating before and after.
 
@@ -238,6 +274,8 @@ def abliterate(
         direction: use this direction instead of finding one.
         trial: apply a search's trial (its direction, schedule and norm preservation) instead.
         source: the model's name, for the reports.
+        judge: a model judge (`model_judge.LocalJudge` or `EndpointJudge`) that also judges the
+            harmful answers before and after, compared with the substring judge in the report.
 
     Returns:
         The report. In "weights" mode the model is left edited in place; in "hooks" mode the
@@ -252,6 +290,8 @@ def abliterate(
     if not isinstance(prompts, PromptSets):
         raise TypeError(f"prompts must be a PromptSets, got {type(prompts).__name__}")
     _check_inputs(model, opts, direction, trial)
+    if opts.capability is not None:  # unknown task names fail before any model run
+        capability.check_tasks(opts.capability.tasks, opts.capability.tasks_path)
     stopwatch = Stopwatch()
     if trial is not None:
         direction = trial.search.direction_result(trial.number)
@@ -262,6 +302,7 @@ def abliterate(
     stopwatch.lap("direction")
     scoring = {"max_new_tokens": opts.max_new_tokens, "kl_tokens": opts.kl_tokens}
     before = evaluate(model, tokenizer, prompts.harmful_val, prompts.harmless_val, **scoring)
+    capability_before, judged_before = assess(model, tokenizer, prompts, before, opts.capability, judge)
     stopwatch.lap("evaluate_before")
     hooks = record = None
     include_embeddings = opts.include_embeddings and trial is None
@@ -271,6 +312,7 @@ def abliterate(
         hooks = hf.patch(model, direction.direction, scale=opts.scale)
     stopwatch.lap("apply")
     after = evaluate(model, tokenizer, prompts.harmful_val, prompts.harmless_val, baseline=before, **scoring)
+    capability_after, judged_after = assess(model, tokenizer, prompts, after, opts.capability, judge)
     stopwatch.lap("evaluate_after")
     return AbliterationReport(
         source=source,
@@ -287,4 +329,6 @@ def abliterate(
         include_embeddings=include_embeddings,
         record=record,
         kl_tokens=opts.kl_tokens,
+        capability=None if opts.capability is None else {"before": capability_before, "after": capability_after},
+        judges=None if judge is None else {"before": judged_before, "after": judged_after},
     )

@@ -13,7 +13,7 @@ import shlex
 from pathlib import PurePath
 
 from ..models.default import DEFAULT_GGUF_NAME
-from .report import comparison_table
+from .report import assessment_sections, comparison_table
 from .search import TrialParams, trial_schedule
 
 TAGS = ("abliterated", "refusal-direction")
@@ -71,6 +71,7 @@ def model_card(report: dict) -> str:
         "",
         "![scores of the candidate directions over layer x position](heatmaps.png)",
         "",
+        *assessment_sections(report),
         "## Reproduce",
         "",
         *_reproduction(report),

@@ -36,6 +36,7 @@ class Evaluation:
     harmless_logits: torch.Tensor = field(repr=False)
     harmful_unclear: float = 0.0  # fraction of harmful answers whose reasoning never ends
     harmless_unclear: float = 0.0
+    reasoning_open: bool = False  # whether the prompts opened a reasoning block (see judge.split_reasoning)
 
     def summary(self) -> dict[str, float | None]:
         """The scores; the unclear rates only when some answer was unclear, so that the summary
@@ -88,6 +89,7 @@ def evaluate(
         harmless_logits=logits,
         harmful_unclear=judge.unclear_rate(harmful_answers.texts, reasoning_open=reasoning_open),
         harmless_unclear=judge.unclear_rate(harmless_answers.texts, reasoning_open=reasoning_open),
+        reasoning_open=reasoning_open,
     )
 
 

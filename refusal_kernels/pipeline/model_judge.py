@@ -87,6 +87,8 @@ def parse_verdict(text: str) -> judge.Verdict:
 
 
 class ModelJudge(Protocol):
+    name: str
+
     def verdicts(
         self, prompts: Sequence[str], answers: Sequence[str], *, reasoning_open: bool = False
     ) -> list[judge.Verdict]: ...
@@ -112,12 +114,16 @@ def _positive_int(name: str, value: int) -> int:
 class LocalJudge:
     """A chat model in this process judges each pair, batched greedy generation."""
 
-    def __init__(self, model, tokenizer, *, batch_size: int = 16, max_new_tokens: int = 4) -> None:
+    def __init__(
+        self, model, tokenizer, *, batch_size: int = 16, max_new_tokens: int = 4, name: str | None = None
+    ) -> None:
         if not callable(getattr(model, "generate", None)):
             raise TypeError(f"the judge must be a causal LM with a generate method, got {type(model).__name__}")
         if not getattr(tokenizer, "chat_template", None):
             raise ValueError("the judge needs a chat model with a chat template; this tokenizer has none")
         self.model, self.tokenizer = model, tokenizer
+        # What the report calls this judge.
+        self.name = name or getattr(getattr(model, "config", None), "name_or_path", "") or type(model).__name__
         self.batch_size = _positive_int("batch_size", batch_size)
         self.max_new_tokens = _positive_int("max_new_tokens", max_new_tokens)
 
@@ -210,6 +216,7 @@ class EndpointJudge:
         if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
             raise ValueError(f"retries must be an int >= 0, got {retries!r}")
         self.url, self.model_name = url, model_name
+        self.name = f"{model_name} at {url}"  # what the report calls this judge
         self.timeout, self.retries, self.backoff = timeout, retries, backoff
         self.batch_size = _positive_int("batch_size", batch_size)
         self.max_tokens = _positive_int("max_tokens", max_tokens)
@@ -336,6 +343,11 @@ class JudgeComparison:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, data: dict) -> JudgeComparison:
+        """The comparison `to_dict` gave (report.json's "judges" entries)."""
+        return cls(**{**data, "examples": [Disagreement(**example) for example in data["examples"]]})
+
     def markdown(self) -> str:
         lines = [
             f"| n = {self.n} | substring judge | {self.model_judge} |",
@@ -390,3 +402,12 @@ def compare_judges(
         examples=shown,
         model_judge=model_judge,
     )
+
+
+def judge_answers(
+    model_judge: ModelJudge, prompts: Sequence[str], answers: Sequence[str], *, reasoning_open: bool = False
+) -> JudgeComparison:
+    """The substring judge and `model_judge` on the same (prompt, answer) pairs, compared."""
+    substring = [judge.verdict(answer, reasoning_open=reasoning_open) for answer in answers]
+    model = model_judge.verdicts(prompts, answers, reasoning_open=reasoning_open)
+    return compare_judges(prompts, answers, substring, model, model_judge=model_judge.name)

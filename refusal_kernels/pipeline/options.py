@@ -94,6 +94,16 @@ class SearchOptions(FitOptions):
 
 
 @dataclass
+class CapabilityOptions:
+    """lm-eval tasks scored before and after the edit (`capability.run_tasks`)."""
+
+    tasks: tuple[str, ...]  # lm-eval task, group or tag names
+    tasks_path: str | None = None  # a directory of lm-eval YAML task files, for tasks over local data
+    limit: float | None = None  # at most this many documents per task (below 1: a fraction); None: all
+    batch_size: int = 8
+
+
+@dataclass
 class AbliterationOptions:
     mode: str = "weights"  # "weights": orthogonalize the matrices in place; "hooks": ablate at run time
     scale: float = 1.0  # 1 removes the direction; see `refusal_kernels.ablate_`
@@ -109,6 +119,8 @@ class AbliterationOptions:
     # Weights mode: what orthogonalize_model_ keeps so that hf.undo_(report.record) restores the
     # weights (False, True or "exact"); write_lora needs "exact".
     undo: bool | str = False
+    # Capability benchmarks before and after; None: none.
+    capability: CapabilityOptions | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:

@@ -146,6 +146,30 @@ def comparison_table(before: dict, after: dict, kl_tokens: int = 1) -> list[str]
     ]
 
 
+def assessment_sections(report: dict) -> list[str]:
+    """Markdown sections for what report.json's "capability" and "judges" hold, where they were
+    measured: each lm-eval task's metrics before and after, and the substring judge against the
+    model judge on the harmful answers."""
+    from .capability import markdown_table
+    from .model_judge import JudgeComparison
+
+    lines = []
+    if report.get("capability"):
+        lines += [
+            "## Capability benchmarks (lm-eval)",
+            "",
+            markdown_table(report["capability"]["before"], report["capability"]["after"]),
+            "",
+        ]
+    for when, comparison in (report.get("judges") or {}).items():
+        lines += [
+            f"## Judges on the harmful answers, {when} the edit",
+            "",
+            JudgeComparison.from_dict(comparison).markdown(),
+        ]
+    return lines
+
+
 def markdown_report(report: dict) -> str:
     """report.md from the dict of report.json (`AbliterationReport.to_dict`)."""
     direction = report["direction"]
@@ -157,6 +181,7 @@ def markdown_report(report: dict) -> str:
         "",
         *comparison_table(report["before"], report["after"], report.get("kl_tokens", 1)),
         "",
+        *assessment_sections(report),
         "![heatmaps](heatmaps.png)",
         "",
         "## Examples",
