@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import string
 
 import pytest
@@ -12,6 +13,14 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
 SPECIAL = ["<pad>", "<unk>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>"]
+
+
+def require(available: bool, what: str) -> None:
+    """Skips the test without `what`, except in CI, which installs everything: there it fails."""
+    if not available:
+        if os.environ.get("CI"):
+            pytest.fail(f"{what} is missing in CI")
+        pytest.skip(f"{what} is not available")
 
 
 def char_tokenizer():
@@ -28,6 +37,15 @@ def char_tokenizer():
     )
     tokenizer.add_special_tokens({"additional_special_tokens": SPECIAL[2:]})
     return tokenizer
+
+
+@pytest.fixture
+def model_dir(tmp_path, tiny_llama, tiny_tokenizer):
+    """The tiny random Llama and its tokenizer saved as a local Hugging Face directory."""
+    path = tmp_path / "model"
+    tiny_llama.save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    return path
 
 
 @pytest.fixture(scope="session")

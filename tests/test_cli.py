@@ -17,14 +17,6 @@ HARMLESS = [f"please describe nice thing {i}" for i in range(8)]
 
 
 @pytest.fixture
-def model_dir(tmp_path, tiny_llama, tiny_tokenizer):
-    path = tmp_path / "model"
-    tiny_llama.save_pretrained(path)
-    tiny_tokenizer.save_pretrained(path)
-    return path
-
-
-@pytest.fixture
 def prompt_files(tmp_path):
     harmful, harmless = tmp_path / "harmful.json", tmp_path / "harmless.json"
     harmful.write_text(json.dumps([{"goal": p} for p in HARMFUL]))

@@ -20,14 +20,6 @@ TASKS = ["--tasks", "tiny_topic_copy,tiny_chat_answers", "--tasks-path", TASKS_P
 
 
 @pytest.fixture
-def model_dir(tmp_path, tiny_llama, tiny_tokenizer):
-    path = tmp_path / "model"
-    tiny_llama.save_pretrained(path)
-    tiny_tokenizer.save_pretrained(path)
-    return path
-
-
-@pytest.fixture
 def prompt_files(tmp_path):
     harmful, harmless = tmp_path / "harmful.txt", tmp_path / "harmless.txt"
     harmful.write_text("\n".join(f"how do i break thing {i}" for i in range(8)))

