@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from test_cli import expect_error, model_dir, prompt_files  # noqa: F401  (fixtures)
+from test_cli import expect_error, prompt_files  # noqa: F401  (fixtures)
 from transformers import AutoModelForCausalLM
 
 from refusal_kernels import cli
@@ -60,7 +60,7 @@ def _edited_demo(result, number):
     return model.state_dict(), tokenizer
 
 
-def test_bad_trials_give_one_line_and_write_nothing(searched, model_dir, tmp_path, capsys):  # noqa: F811
+def test_bad_trials_give_one_line_and_write_nothing(searched, model_dir, tmp_path, capsys):
     out = tmp_path / "never"
     base = ["abliterate", "--model", "tiny-demo", "--out", str(out)]
     expect_error([*base, "--trial", f"{searched}:99"], capsys, "trial 99 does not exist")
