@@ -350,6 +350,13 @@ def check_gguf_blocks(blocks: torch.Tensor, type_name: str, values_per_block: in
     return blocks.shape[1] // bytes_per_block * values_per_block
 
 
+def check_positive_int(name: str, value: int) -> int:
+    """value, if it is an int of at least 1 (a bool is not); else ValueError naming it."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
 def check_passes(passes: int) -> None:
     if isinstance(passes, bool) or not isinstance(passes, int) or passes < 0:
         raise ValueError(f"passes must be a non-negative int, got {passes!r}")

@@ -15,13 +15,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 
+from .._checks import check_positive_int
 from . import families
 
 
 def _check_layer_count(n_layers: int) -> int:
-    if isinstance(n_layers, bool) or not isinstance(n_layers, int) or n_layers < 1:
-        raise ValueError(f"n_layers must be a positive int, got {n_layers!r}")
-    return n_layers
+    return check_positive_int("n_layers", n_layers)
 
 
 @dataclass(frozen=True)

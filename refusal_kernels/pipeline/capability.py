@@ -61,6 +61,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .._checks import check_positive_int
+
 INSTALL_HINT = "pip install refusal-kernels[eval]"
 
 # {task: {metric: {"value": float, "stderr": float | None}}}
@@ -214,8 +216,7 @@ def _built(manager: Any, name: str) -> list[Any]:
 
 
 def _check_run_options(limit: float | None, batch_size: int) -> None:
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    check_positive_int("batch_size", batch_size)
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, Real) or limit <= 0):
         raise ValueError(f"limit must be None or a positive number (a count, or a fraction below 1), got {limit!r}")
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .._checks import check_positive_int
 from . import chat, judge
 from .scoring import kl_from_base
 
@@ -67,8 +68,7 @@ def evaluate(
 ) -> Evaluation:
     """Greedy answers judged for refusal, and the baseline's harmless answers scored teacher-forced
     (see the module docstring); kl_tokens must be at least 1 (ValueError)."""
-    if isinstance(kl_tokens, bool) or not isinstance(kl_tokens, int) or kl_tokens < 1:
-        raise ValueError(f"kl_tokens must be a positive int, got {kl_tokens!r}")
+    check_positive_int("kl_tokens", kl_tokens)
     harmful_answers = judge.generate(
         model, tokenizer, harmful, max_new_tokens=max_new_tokens, batch_size=batch_size, description="harmful answers"
     )

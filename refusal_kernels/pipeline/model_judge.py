@@ -39,6 +39,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Protocol
 
+from .._checks import check_positive_int
 from . import chat, judge
 
 # One user turn, no system turn: some chat templates (Gemma's) reject a system role, and both
@@ -126,12 +127,6 @@ class _PairJudge:
         return ["unclear" if reply is None else parse_verdict(reply) for reply in replies]
 
 
-def _positive_int(name: str, value: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
-
-
 class LocalJudge(_PairJudge):
     """A chat model in this process judges each pair, batched greedy generation."""
 
@@ -145,8 +140,8 @@ class LocalJudge(_PairJudge):
         self.model, self.tokenizer = model, tokenizer
         # What the report calls this judge.
         self.name = name or getattr(getattr(model, "config", None), "name_or_path", "") or type(model).__name__
-        self.batch_size = _positive_int("batch_size", batch_size)
-        self.max_new_tokens = _positive_int("max_new_tokens", max_new_tokens)
+        self.batch_size = check_positive_int("batch_size", batch_size)
+        self.max_new_tokens = check_positive_int("max_new_tokens", max_new_tokens)
 
     def ask_all(self, rubrics: list[str]) -> list[str]:
         """The judge's raw reply to each filled-in rubric, batched greedy generation."""
@@ -224,8 +219,8 @@ class EndpointJudge(_PairJudge):
         self.url, self.model_name = url, model_name
         self.name = f"{model_name} at {url}"  # what the report calls this judge
         self.timeout, self.retries, self.backoff = timeout, retries, backoff
-        self.batch_size = _positive_int("batch_size", batch_size)
-        self.max_tokens = _positive_int("max_tokens", max_tokens)
+        self.batch_size = check_positive_int("batch_size", batch_size)
+        self.max_tokens = check_positive_int("max_tokens", max_tokens)
         self.api_key_env = api_key_env
         self.check_reachable()
 
