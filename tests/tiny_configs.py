@@ -70,6 +70,7 @@ SIZES = {
     "qk_rope_head_dim": 8,
     "qk_nope_head_dim": 8,
     "v_head_dim": 16,
+    "index_num_heads": 2,
     "linear_num_key_heads": 2,
     "linear_num_value_heads": 4,
     "linear_key_head_dim": 16,
@@ -89,6 +90,9 @@ SIZES = {
     "image_size": 32,
     "patch_size": 8,
     "projection_dim": WIDTH,
+    # An encoder's output width, which several configs require to equal the text width.
+    "out_hidden_size": WIDTH,
+    "text_hidden_size": WIDTH,
     "num_channels": 3,
 }
 # Hybrid layer patterns that may be shorter than the depth (a cycle) or written as a string.
@@ -115,8 +119,22 @@ def _is_index_list(name: str, value, n: int) -> bool:
     )
 
 
-def _kept_layers(values: dict, n: int) -> list[int]:
-    """The first layer of each kind: per-layer categorical lists and per-layer overrides together."""
+def _is_source_list(name: str, value, n: int) -> bool:
+    """A per-layer list of the layer whose outputs each layer reads (`kv_source_layers`): its own
+    index, or that of an earlier layer which reads its own."""
+    return (
+        name.endswith("_layers")
+        and isinstance(value, list)
+        and len(value) == n
+        and all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s <= i for i, s in enumerate(value))
+        and all(value[s] == s for s in value)
+        and not _is_index_list(name, value, n)
+    )
+
+
+def _layer_kinds(values: dict, n: int) -> list[tuple]:
+    """Each layer's kind: per-layer categorical lists, whether it reads its own outputs (source
+    lists) and per-layer overrides together."""
     overrides = {int(i): tuple(sorted(o.items())) for i, o in (values.get("per_layer_config") or {}).items()}
     patterns = [
         v
@@ -124,17 +142,19 @@ def _kept_layers(values: dict, n: int) -> list[int]:
         if isinstance(v, list)
         and len(v) == n
         and not _is_index_list(k, v, n)
+        and not _is_source_list(k, v, n)
         and all(isinstance(x, (str, int, float)) or x is None for x in v)
         and len(set(v)) <= 4
     ]
     patterns += [values[k] for k in LAYER_PATTERNS if isinstance(values.get(k), str) and len(values[k]) == n]
-    seen, keep = set(), []
-    for i in range(n):
-        kind = (tuple(p[i] for p in patterns), overrides.get(i))
-        if kind not in seen:
-            seen.add(kind)
-            keep.append(i)
-    return keep if len(keep) >= 2 else list(range(min(n, 2)))
+    patterns += [[s == i for i, s in enumerate(v)] for k, v in values.items() if _is_source_list(k, v, n)]
+    return [(tuple(p[i] for p in patterns), overrides.get(i)) for i in range(n)]
+
+
+def _kept_layers(kinds: list[tuple]) -> list[int]:
+    """The first layer of each kind."""
+    keep = sorted({kinds.index(kind) for kind in kinds})
+    return keep if len(keep) >= 2 else list(range(min(len(kinds), 2)))
 
 
 def _one_of_each_kind(pattern):
@@ -154,18 +174,22 @@ def _scaled(tiny: int, full, override):
 
 
 def _shrink_layers(values: dict, full: dict) -> None:
-    """Keep one layer of each kind; cut every per-layer list, index list and override to those layers.
+    """Keep one layer of each kind; cut every per-layer list, index list, source list and override to those layers.
 
     `full` holds the values before shrinking, for the depth and the ratios of per-layer sizes.
     """
     n = next((full[k] for k in LAYER_COUNTS if isinstance(full.get(k), int)), None)
     if n is None:
         return
-    keep = _kept_layers(full, n)
+    kinds = _layer_kinds(full, n)
+    keep = _kept_layers(kinds)
     new = {old: j for j, old in enumerate(keep)}
     for name, value in values.items():
         if _is_index_list(name, value, n):
             values[name] = [new[i] for i in value if i in new]
+        elif _is_source_list(name, value, n):
+            # A kept layer reads the kept layer of its source's kind, which comes no later than itself.
+            values[name] = [new[kinds.index(kinds[value[i]])] for i in keep]
         elif isinstance(value, list) and len(value) == n:
             values[name] = [value[i] for i in keep]
         elif name in LAYER_PATTERNS and isinstance(value, str) and len(value) == n:
@@ -252,11 +276,6 @@ OVERRIDES = {
     "jamba": {"attn_layer_period": 2, "attn_layer_offset": 1},
     "bamba": {"attn_layer_indices": [1]},
     "granitemoehybrid": {"layer_types": ["mamba", "attention"]},
-    # Encoders whose output width must equal the shrunk text width.
-    "granite_docling": {"vision_config": {"out_hidden_size": 64}},
-    "inkling2": {"vision_config": {"text_hidden_size": 64}},
-    "inkling2_loop": {"vision_config": {"text_hidden_size": 64}},
-    "muse_spark": {"audio_config": {"out_hidden_size": 64}},
     # It routes each token to one expert only.
     "zaya": {"num_experts_per_tok": 1},
     # Its default config has no short-convolution layer, which every released LFM2 mixes in.
@@ -295,7 +314,8 @@ OVERRIDES = {
 }
 
 
-# Families left out, with the error measured on transformers 5.24 (CPU, input_ids only, no images).
+# Families left out, with the error measured on transformers 5.24, or on 5.25 for the families it adds
+# (CPU, input_ids only, no images).
 UNBUILDABLE = {
     # Need an image (or other non-text) input in every forward.
     "blip": "forward() missing 1 required positional argument: 'pixel_values'",
@@ -309,6 +329,7 @@ UNBUILDABLE = {
     "vision-encoder-decoder": "You have to specify pixel_values",
     "udop": "Bbox is required for horizontal relative position bias",
     "pi0": "forward() missing 1 required positional argument: 'state' (robot policy)",
+    "pi05": "'NoneType' object has no attribute 'get_seq_length' (robot policy: no prefix cache without pixel_values)",
     "t5gemma2": "encoder-decoder: You must specify exactly one of input_ids or inputs_embeds (decoder inputs)",
     "image-text-to-text:llama4": "'MoeCausalLMOutputWithPast' object has no attribute 'image_outputs' without images",
     # Encoder with per-language adapters: no default language.
