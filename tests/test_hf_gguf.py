@@ -39,7 +39,7 @@ def _direction(seed: int = 1) -> torch.Tensor:
 def _values(tensor) -> torch.Tensor:
     """A reader tensor's values, fp32 [rows, ne0]."""
     values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
-    return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).reshape(-1, int(tensor.shape[0]))
+    return torch.from_numpy(np.array(values, dtype=np.float32)).reshape(-1, int(tensor.shape[0]))
 
 
 def _expected(name: str, values: torch.Tensor, unit: torch.Tensor) -> torch.Tensor:
