@@ -2,7 +2,8 @@
 
 The files are small synthetic llama-shaped GGUFs (tests/gguf_files.py) whose writers are
 stored in each type the edit supports; every architecture the edit claims is in
-test_hf_gguf_architectures.py, the real models in test_hf_gguf_models.py.
+test_hf_gguf_architectures.py, each type's output run by llama.cpp in test_hf_gguf_types.py,
+the real models in test_hf_gguf_models.py.
 """
 
 from __future__ import annotations
