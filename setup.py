@@ -68,6 +68,8 @@ def _cpu_flags() -> list[str]:
         # at::vec selects its AVX512 specializations from these macros.
         flags += ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"]
         flags += ["-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"]
+        if " avx512_bf16" in cpu:  # native fp32 -> bf16 rounding (vec_ops.h)
+            flags += ["-mavx512bf16"]
     elif all(f" {flag}" in cpu for flag in ("avx2", "fma", "f16c")):
         flags += ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
     return flags

@@ -1,17 +1,21 @@
 // refusal::orthogonalize on the CPU: W <- W - s * d (d^T W) for each [d_model, d_in] matrix.
 // Two streaming passes over each matrix, both parallel over blocks of rows:
-//   1. c = d^T W, each row block summing into its own fp32 buffer of d_in (then combined);
+//   1. c = d^T W, each row block summing into its own fp32 buffer of d_in (then combined),
+//      four rows per load and store of the buffer: with one, the buffer's traffic through L2,
+//      not W's, bounds the pass;
 //   2. W[i] -= s * d[i] * c.
-// Streaming whole rows keeps the hardware prefetchers and the TLB happy; a column-strip
-// schedule (one read instead of two) measured about 2x slower here, since each row of a
-// strip sits on its own page. Extra memory: (blocks + 1) * d_in fp32, capped at ~1 MiB.
+// Streaming whole rows keeps the hardware prefetchers and the TLB happy. A column-strip
+// schedule, in which pass 2 re-reads each strip from the last-level cache so that W crosses the
+// memory bus once each way, measured no faster here: each row of a strip is a short run on its
+// own page, and one core cannot keep enough of them in flight. Extra memory: (blocks + 1) * d_in
+// fp32, capped at ~1 MiB.
 //
 // refusal::orthogonalize_norm_preserving follows the same two passes:
 //   axis="column": pass 1 also sums the squared column norms, and pass 2 scales each column
 //     back to its norm (norm_preserving.h);
-//   axis="row": pass 1 takes each row's norm while the row is in L1 and sums d[i] W[i] / r_i;
+//   axis="row": pass 1 takes each row's norm while the row is in cache and sums d[i] W[i] / r_i;
 //     pass 2 finds each updated row's norm from one dot product with c, again while the row is
-//     in L1, then rescales it. Extra memory: a d_model-long buffer of row norms.
+//     in cache, then rescales it. Extra memory: a d_model-long buffer of row norms.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -27,9 +31,10 @@ namespace {
 
 constexpr int64_t kPartialBudgetBytes = 1 << 20;
 
-// Column sums over the rows of a matrix, in parallel over blocks of rows: add_row(i, sums)
-// adds row i's terms into a buffer of `width` floats. Each block sums into its own buffer,
-// and the buffers are then added in order. The buffers are reused from matrix to matrix.
+// Column sums over the rows of a matrix, in parallel over blocks of rows:
+// add_rows.template operator()<k>(first, sums) adds the terms of rows first..first+k-1 into a
+// buffer of `width` floats, k = kRowsPerStep or 1. Each block sums into its own buffer, and the
+// buffers are then added in order. The buffers are reused from matrix to matrix.
 class RowBlockSums {
  public:
   RowBlockSums(int64_t rows, int64_t width)
@@ -42,13 +47,20 @@ class RowBlockSums {
         total_(width) {}
 
   // The sums in fp32, valid until the next call.
-  template <typename AddRow>
-  float* sum(const AddRow& add_row) {
+  static constexpr int kRowsPerStep = 4;
+
+  template <typename AddRows>
+  float* sum(const AddRows& add_rows) {
     at::parallel_for(0, blocks_, 1, [&](int64_t begin, int64_t end) {
       for (int64_t b = begin; b < end; ++b) {
         float* sums = partial_.data() + b * width_;
         std::fill_n(sums, width_, 0.f);
-        for (int64_t i = rows_ * b / blocks_; i < rows_ * (b + 1) / blocks_; ++i) add_row(i, sums);
+        const int64_t last = rows_ * (b + 1) / blocks_;
+        int64_t i = rows_ * b / blocks_;
+        for (; i + kRowsPerStep <= last; i += kRowsPerStep) {
+          add_rows.template operator()<kRowsPerStep>(i, sums);
+        }
+        for (; i < last; ++i) add_rows.template operator()<1>(i, sums);
       }
     });
     std::copy_n(partial_.data(), width_, total_.data());
@@ -82,6 +94,21 @@ struct Matrices {
         unit(normalized_rows(direction, "direction")) {}
 };
 
+// Pointers to kRows consecutive rows of a matrix from `first`, and a weight for each.
+template <int kRows, typename T>
+struct RowGroup {
+  const T* rows[kRows];
+  float weights[kRows];
+
+  template <typename Weight>
+  RowGroup(const T* w, int64_t row_stride, int64_t first, const Weight& weight) {
+    for (int r = 0; r < kRows; ++r) {
+      rows[r] = w + (first + r) * row_stride;
+      weights[r] = weight(first + r);
+    }
+  }
+};
+
 // Calls update(i) for every row i of a matrix, in parallel.
 template <typename Update>
 void for_each_row(int64_t rows, const Update& update) {
@@ -100,8 +127,10 @@ void orthogonalize(at::Tensor& weight, const at::Tensor& direction, double scale
     scalar_t* base = weight.mutable_data_ptr<scalar_t>();
     for (int64_t k = 0; k < m.offsets.count(); ++k) {
       scalar_t* w = base + m.offsets.offset(k);
-      const float* c = column_sums.sum(
-          [&](int64_t i, float* sums) { accumulate(sums, d[i], w + i * m.row_stride, m.cols); });
+      const float* c = column_sums.sum([&]<int kRows>(int64_t first, float* sums) {
+        const RowGroup<kRows, scalar_t> group(w, m.row_stride, first, [&](int64_t i) { return d[i]; });
+        accumulate_rows<kRows>(sums, group.weights, group.rows, m.cols);
+      });
       for_each_row(m.rows, [&](int64_t i) {
         subtract_scaled(w + i * m.row_stride, s * d[i], c, m.cols);
       });
@@ -114,8 +143,9 @@ template <typename T>
 void preserve_column_norms(T* w, const Matrices& m, float s, RowBlockSums& sums) {
   const float* d = m.unit.const_data_ptr<float>();
   // sums holds c = d^T W in its first cols floats and the squared column norms after them.
-  float* c = sums.sum([&](int64_t i, float* partial) {
-    accumulate_with_squares(partial, partial + m.cols, d[i], w + i * m.row_stride, m.cols);
+  float* c = sums.sum([&]<int kRows>(int64_t first, float* partial) {
+    const RowGroup<kRows, T> group(w, m.row_stride, first, [&](int64_t i) { return d[i]; });
+    accumulate_rows_with_squares<kRows>(partial, partial + m.cols, group.weights, group.rows, m.cols);
   });
   float* factor = c + m.cols;
   for (int64_t j = 0; j < m.cols; ++j) {
@@ -133,10 +163,13 @@ void preserve_column_norms(T* w, const Matrices& m, float s, RowBlockSums& sums)
 template <typename T>
 void preserve_row_norms(T* w, const Matrices& m, float s, RowBlockSums& sums, float* row_norms) {
   const float* d = m.unit.const_data_ptr<float>();
-  const float* c = sums.sum([&](int64_t i, float* partial) {
-    const T* row = w + i * m.row_stride;
-    row_norms[i] = std::sqrt(dot(row, row, m.cols));
-    accumulate(partial, normalized_row_weight(d[i], row_norms[i]), row, m.cols);
+  const float* c = sums.sum([&]<int kRows>(int64_t first, float* partial) {
+    const RowGroup<kRows, T> group(w, m.row_stride, first, [&](int64_t i) {
+      const T* row = w + i * m.row_stride;
+      row_norms[i] = std::sqrt(dot(row, row, m.cols));
+      return normalized_row_weight(d[i], row_norms[i]);
+    });
+    accumulate_rows<kRows>(partial, group.weights, group.rows, m.cols);
   });
   const float c_sq = dot(c, c, m.cols);
   for_each_row(m.rows, [&](int64_t i) {

@@ -38,6 +38,13 @@ template <typename T>
 inline void store_from_float(T* p, const FloatVec& lo, const FloatVec& hi) {
   if constexpr (std::is_same_v<T, float>) {
     lo.store(p);
+#if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
+  } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    // One instruction rounds 32 floats to nearest-even bf16, where at::vec's portable rounding
+    // takes about ten per 16 and bounds the bf16 kernels. It flushes subnormals (below 1.2e-38)
+    // to zero, which no weight or activation holds.
+    _mm512_storeu_si512(p, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo)));
+#endif
   } else {
     at::vec::convert_from_float<T>(lo, hi).store(p);
   }
@@ -80,40 +87,64 @@ inline float dot(const T* v, const U* u, int64_t n) {
   return sum;
 }
 
-// acc[i] += a * v[i] and, with kSquares, squares[i] += v[i]^2, in fp32.
-template <bool kSquares, typename T>
-inline void accumulate_impl(float* acc, float* squares, float a, const T* v, int64_t n) {
+// acc[j] += sum_r a[r] * v[r][j] over kRows rows, added in row order, and, with kSquares,
+// squares[j] += sum_r v[r][j]^2, in fp32. Several rows per call load and store acc once for
+// all of them: with one row per call, acc's traffic, not W's, bounds the loop.
+template <int kRows, bool kSquares, typename T>
+inline void accumulate_rows_impl(float* acc, float* squares, const float* a, const T* const* v,
+                                 int64_t n) {
+  constexpr int64_t kVec = FloatVec::size();
   constexpr int64_t kChunk = chunk_size<T>();
-  const FloatVec va(a);
-  auto add = [&](int64_t j, const FloatVec& x) {
-    at::vec::fmadd(va, x, FloatVec::loadu(acc + j)).store(acc + j);
-    if constexpr (kSquares) {
-      at::vec::fmadd(x, x, FloatVec::loadu(squares + j)).store(squares + j);
+  constexpr int kHalves = std::is_same_v<T, float> ? 1 : 2;
+  FloatVec va[kRows];
+  for (int r = 0; r < kRows; ++r) va[r] = FloatVec(a[r]);
+  int64_t j = 0;
+  for (; j + kChunk <= n; j += kChunk) {
+    FloatVec sum[kHalves];
+    FloatVec sq[kHalves];
+    for (int h = 0; h < kHalves; ++h) {
+      sum[h] = FloatVec::loadu(acc + j + h * kVec);
+      if constexpr (kSquares) sq[h] = FloatVec::loadu(squares + j + h * kVec);
     }
-  };
-  int64_t i = 0;
-  for (; i + kChunk <= n; i += kChunk) {
-    auto [lo, hi] = load_as_float(v + i);
-    add(i, lo);
-    if constexpr (!std::is_same_v<T, float>) add(i + FloatVec::size(), hi);
+    for (int r = 0; r < kRows; ++r) {
+      const auto [lo, hi] = load_as_float(v[r] + j);
+      const FloatVec x[2] = {lo, hi};
+      for (int h = 0; h < kHalves; ++h) {
+        sum[h] = at::vec::fmadd(va[r], x[h], sum[h]);
+        if constexpr (kSquares) sq[h] = at::vec::fmadd(x[h], x[h], sq[h]);
+      }
+    }
+    for (int h = 0; h < kHalves; ++h) {
+      sum[h].store(acc + j + h * kVec);
+      if constexpr (kSquares) sq[h].store(squares + j + h * kVec);
+    }
   }
-  for (; i < n; ++i) {
-    const float x = static_cast<float>(v[i]);
-    acc[i] += a * x;
-    if constexpr (kSquares) squares[i] += x * x;
+  for (; j < n; ++j) {
+    for (int r = 0; r < kRows; ++r) {
+      const float x = static_cast<float>(v[r][j]);
+      acc[j] += a[r] * x;
+      if constexpr (kSquares) squares[j] += x * x;
+    }
   }
 }
 
 // acc[i] += a * v[i], in fp32.
 template <typename T>
 inline void accumulate(float* acc, float a, const T* v, int64_t n) {
-  accumulate_impl<false>(acc, nullptr, a, v, n);
+  accumulate_rows_impl<1, false>(acc, nullptr, &a, &v, n);
 }
 
-// acc[i] += a * v[i] and squares[i] += v[i]^2 in one read of v, in fp32.
-template <typename T>
-inline void accumulate_with_squares(float* acc, float* squares, float a, const T* v, int64_t n) {
-  accumulate_impl<true>(acc, squares, a, v, n);
+// acc[j] += sum_r a[r] * v[r][j] over kRows rows, in fp32.
+template <int kRows, typename T>
+inline void accumulate_rows(float* acc, const float* a, const T* const* v, int64_t n) {
+  accumulate_rows_impl<kRows, false>(acc, nullptr, a, v, n);
+}
+
+// accumulate_rows, and squares[j] += sum_r v[r][j]^2, in one read of the rows.
+template <int kRows, typename T>
+inline void accumulate_rows_with_squares(float* acc, float* squares, const float* a,
+                                         const T* const* v, int64_t n) {
+  accumulate_rows_impl<kRows, true>(acc, squares, a, v, n);
 }
 
 // v[i] <- k[i] * v[i] - a * u[i], computed in fp32 and rounded once to T. k is one factor
