@@ -94,7 +94,17 @@ def load(args):
 
     spec = resolve_model(args.model)
     stopwatch = Stopwatch()
-    model, tokenizer = hf.load_model(spec, dtype=_dtype(args.dtype), device_map=args.device_map)
+    device = _device(args.device)
+    dtype = _dtype(args.dtype)
+    if dtype is None and args.device_map is None:
+        dtype = hf.loading.run_dtype(spec, device or "cpu")
+        if dtype is not None:
+            print(
+                f"running in {str(dtype).removeprefix('torch.')}: the GGUF's matrices are quantized and this device "
+                "multiplies bf16 natively (--dtype float32 for a float32 run)",
+                file=sys.stderr,
+            )
+    model, tokenizer = hf.load_model(spec, dtype=dtype, device_map=args.device_map)
     if args.thinking is not None:
         from .pipeline import chat
 
@@ -102,7 +112,6 @@ def load(args):
             chat.set_thinking(tokenizer, args.thinking == "on")
         except ValueError as error:
             raise UsageError(f"--thinking {args.thinking}: {error}") from None
-    device = _device(args.device)
     if device is not None and args.device_map is None:
         model.to(device)
     return spec, model, tokenizer, stopwatch.lap("load")
@@ -560,7 +569,11 @@ def _model_options(p: argparse.ArgumentParser) -> None:
         "--model",
         help=f"a local HF directory, a .gguf file, a hub ID, or tiny-demo (default: {DEFAULT_MODEL_NOTE})",
     )
-    p.add_argument("--dtype", help=f"one of {', '.join(DTYPES)} (default: the checkpoint's)")
+    p.add_argument(
+        "--dtype",
+        help=f"one of {', '.join(DTYPES)} (default: the checkpoint's, except bfloat16 for a GGUF whose matrices "
+        "are quantized where the device multiplies bf16 natively)",
+    )
     placement = p.add_mutually_exclusive_group()
     placement.add_argument("--device", help="e.g. cpu, cuda, cuda:1")
     placement.add_argument("--device-map", help="passed to accelerate, e.g. auto")

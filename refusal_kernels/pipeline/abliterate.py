@@ -68,6 +68,7 @@ class AbliterationReport:
     capability: dict[str, capability.Scores] | None = None
     # The substring judge against a model judge on the harmful answers "before" and "after"; None: no model judge.
     judges: dict[str, JudgeComparison] | None = None
+    dtype: str | None = None  # the dtype the model ran in, for every figure above ("bfloat16", ...)
 
     def trial_summary(self) -> dict | None:
         if self.trial is None:
@@ -78,6 +79,7 @@ class AbliterationReport:
         """The contents of report.json."""
         return {
             "model": self.source,
+            "dtype": self.dtype,
             "command": self.command,
             "outputs": self.outputs,
             "mode": self.mode,
@@ -316,6 +318,7 @@ def abliterate(
     stopwatch.lap("evaluate_after")
     return AbliterationReport(
         source=source,
+        dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
         mode=opts.mode,
         scale=opts.scale,
         direction=direction,

@@ -13,7 +13,7 @@ import shlex
 from pathlib import PurePath
 
 from ..models.default import DEFAULT_GGUF_NAME
-from .report import assessment_sections, comparison_table
+from .report import assessment_sections, comparison_table, dtype_sentence
 from .search import TrialParams, trial_schedule
 
 TAGS = ("abliterated", "refusal-direction")
@@ -65,7 +65,7 @@ def model_card(report: dict) -> str:
         "## Refusal before and after",
         "",
         "Greedy answers to held-out prompts, judged by refusal phrases; KL of the next-token distribution on "
-        "harmless prompts, against the original model.",
+        f"harmless prompts, against the original model.{dtype_sentence(report)}",
         "",
         *comparison_table(report["before"], report["after"], report.get("kl_tokens", 1)),
         "",

@@ -170,6 +170,11 @@ def assessment_sections(report: dict) -> list[str]:
     return lines
 
 
+def dtype_sentence(report: dict) -> str:
+    """The sentence that says which dtype the model ran in, where report.json records it."""
+    return f" The model ran in {report['dtype']}." if report.get("dtype") else ""
+
+
 def markdown_report(report: dict) -> str:
     """report.md from the dict of report.json (`AbliterationReport.to_dict`)."""
     direction = report["direction"]
@@ -177,7 +182,7 @@ def markdown_report(report: dict) -> str:
         f"# Abliteration report: {report['model']}",
         "",
         f"Mode: {report['mode']}, scale {report['scale']}. Direction: layer {direction['layer']}, "
-        f"position {direction['position']} of {direction['n_layers']} layers.",
+        f"position {direction['position']} of {direction['n_layers']} layers.{dtype_sentence(report)}",
         "",
         *comparison_table(report["before"], report["after"], report.get("kl_tokens", 1)),
         "",
