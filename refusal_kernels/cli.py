@@ -19,6 +19,7 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -775,6 +776,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     args.command_line = ["refusal-kernels", *argv]  # for the model card to repeat
+    # transformers imports torchao's quantizer when torchao is installed, and torchao's enum
+    # registrations make torch log a deprecation notice that says nothing about this job.
+    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
     if args.debug:
         return args.run(args)
     from .hf.families import StructureError
