@@ -222,7 +222,7 @@ def print_table(before, after, result, timings: dict[str, float], kl_tokens: int
 
     rows = [
         ("refusal rate, harmful (held out)", pct(before.harmful_refusal), pct(after.harmful_refusal)),
-        ("refusal rate, harmless (held out)", pct(before.harmless_refusal), pct(after.harmless_refusal)),
+        ("over-refusal: refusal rate, harmless (held out)", pct(before.harmless_refusal), pct(after.harmless_refusal)),
         (f"KL(base || abliterated), harmless, {kl_tokens} token{'s' if kl_tokens > 1 else ''}", "", f"{after.kl:.4f}"),
         ("cross-entropy on base answers", f"{before.harmless_ce:.3f}", f"{after.harmless_ce:.3f}"),
     ]

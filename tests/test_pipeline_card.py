@@ -104,7 +104,10 @@ def test_the_header_names_the_base_model_and_the_library_of_the_outputs(report, 
 def test_the_table_holds_the_reports_numbers(report):
     report["after"]["harmful_unclear"] = 0.25
     rows = table_rows(model_card(report))
-    for key, label in (("harmful_refusal", "refusal rate, harmful"), ("harmless_refusal", "refusal rate, harmless")):
+    for key, label in (
+        ("harmful_refusal", "refusal rate, harmful"),
+        ("harmless_refusal", "over-refusal: refusal rate, harmless"),
+    ):
         before, after = map(percent, rows[label])
         assert before == pytest.approx(report["before"][key], abs=5e-4)
         assert after == pytest.approx(report["after"][key], abs=5e-4)

@@ -136,7 +136,7 @@ def comparison_table(before: dict, after: dict, kl_tokens: int = 1) -> list[str]
         "| metric | before | after |",
         "| --- | ---: | ---: |",
         f"| refusal rate, harmful | {before['harmful_refusal']:.1%} | {after['harmful_refusal']:.1%} |",
-        f"| refusal rate, harmless | {before['harmless_refusal']:.1%} | {after['harmless_refusal']:.1%} |",
+        f"| over-refusal: refusal rate, harmless | {before['harmless_refusal']:.1%} | {after['harmless_refusal']:.1%} |",
         *(
             f"| unclear (reasoning cut off), {kind} | {before.get(key, 0):.1%} | {after.get(key, 0):.1%} |"
             for kind, key in (("harmful", "harmful_unclear"), ("harmless", "harmless_unclear"))
