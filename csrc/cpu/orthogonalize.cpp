@@ -46,9 +46,9 @@ class RowBlockSums {
         partial_(blocks_ * width),
         total_(width) {}
 
-  // The sums in fp32, valid until the next call.
   static constexpr int kRowsPerStep = 4;
 
+  // The sums in fp32, valid until the next call.
   template <typename AddRows>
   float* sum(const AddRows& add_rows) {
     at::parallel_for(0, blocks_, 1, [&](int64_t begin, int64_t end) {

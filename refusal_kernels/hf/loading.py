@@ -68,7 +68,7 @@ def run_dtype(spec: str | os.PathLike[str], device: str | torch.device = "cpu") 
         return None
     from ..quant.gguf import container
 
-    types = {t.type.name for t in container.read(path).tensors if len(t.shape) > 1}
+    types = container.read(path).matrix_types
     return torch.bfloat16 if types and not types & _PLAIN_GGML_TYPES else None
 
 

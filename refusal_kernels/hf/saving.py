@@ -120,7 +120,7 @@ def source_dtype(spec: str | os.PathLike[str]) -> torch.dtype | None:
     if path.is_file() and path.suffix == ".gguf":
         from ..quant.gguf import container
 
-        types = {t.type.name for t in container.read(path).tensors if len(t.shape) > 1}
+        types = container.read(path).matrix_types
         return torch.float16 if "F16" in types and "BF16" not in types else torch.bfloat16
     config = path / "config.json"
     if not config.is_file():

@@ -70,6 +70,11 @@ class GGUFFile:
     def tensor(self, name: str) -> TensorInfo | None:
         return next((t for t in self.tensors if t.name == name), None)
 
+    @property
+    def matrix_types(self) -> set[str]:
+        """The GGML type names its matrices (tensors of two or more dims) are stored in."""
+        return {t.type.name for t in self.tensors if len(t.shape) > 1}
+
     def read_bytes(self, tensor: TensorInfo) -> np.ndarray:
         """A copy of the tensor's bytes, uint8 [rows, bytes_per_row]."""
         with open(self.path, "rb") as f:
