@@ -97,15 +97,17 @@ def load(args):
     stopwatch = Stopwatch()
     device = _device(args.device)
     dtype = _dtype(args.dtype)
+    matmul_dtype = None
     if dtype is None and args.device_map is None:
-        dtype = hf.loading.run_dtype(spec, device or "cpu")
-        if dtype is not None:
-            print(
-                f"running in {str(dtype).removeprefix('torch.')}: the GGUF's matrices are quantized and this device "
-                "multiplies bf16 natively (--dtype float32 for a float32 run)",
-                file=sys.stderr,
-            )
+        matmul_dtype = hf.loading.matmul_dtype(spec, device or "cpu")
     model, tokenizer = hf.load_model(spec, dtype=dtype, device_map=args.device_map)
+    if matmul_dtype is not None:
+        hf.loading.cast_matmuls_(model, matmul_dtype)
+        print(
+            f"running in {hf.loading.precision(model)}: the GGUF's matrices are quantized and this device "
+            "multiplies bf16 natively (--dtype float32 for a float32 run)",
+            file=sys.stderr,
+        )
     if args.thinking is not None:
         from .pipeline import chat
 

@@ -106,16 +106,16 @@ def _gguf(path: Path, matrix_type: str) -> Path:
         ("F16", True, None),
     ],
 )
-def test_run_dtype_is_bf16_for_a_quantized_gguf_where_bf16_is_native(
+def test_matmul_dtype_is_bf16_for_a_quantized_gguf_where_bf16_is_native(
     tmp_path, monkeypatch, matrix_type, native, expected
 ):
     monkeypatch.setattr(loading, "multiplies_bf16_natively", lambda device: native)
-    assert loading.run_dtype(_gguf(tmp_path / "m.gguf", matrix_type)) is expected
+    assert loading.matmul_dtype(_gguf(tmp_path / "m.gguf", matrix_type)) is expected
 
 
-def test_run_dtype_keeps_a_directorys_own_dtype(source_dir, monkeypatch):
+def test_matmul_dtype_keeps_a_directorys_own_dtype(source_dir, monkeypatch):
     monkeypatch.setattr(loading, "multiplies_bf16_natively", lambda device: True)
-    assert loading.run_dtype(source_dir) is None
+    assert loading.matmul_dtype(source_dir) is None
 
 
 def test_multiplies_bf16_natively_asks_the_device():
@@ -125,9 +125,10 @@ def test_multiplies_bf16_natively_asks_the_device():
 
 
 @pytest.mark.parametrize(
-    ("flag", "native", "expected"), [(None, True, "bfloat16"), (None, False, "float32"), ("float32", True, "float32")]
+    ("flag", "native", "expected"),
+    [(None, True, "bfloat16 matmuls, float32 elsewhere"), (None, False, "float32"), ("float32", True, "float32")],
 )
-def test_the_command_line_runs_a_quantized_gguf_in_bf16_unless_told(
+def test_the_command_line_runs_a_quantized_ggufs_matmuls_in_bf16_unless_told(
     smollm2_gguf, monkeypatch, capsys, flag, native, expected
 ):
     from refusal_kernels import cli
@@ -137,5 +138,5 @@ def test_the_command_line_runs_a_quantized_gguf_in_bf16_unless_told(
         ["evaluate", "--model", str(smollm2_gguf), *(["--dtype", flag] if flag else [])]
     )
     _, model, _, _ = cli.load(args)
-    assert str(next(model.parameters()).dtype) == f"torch.{expected}"
-    assert ("running in bfloat16" in capsys.readouterr().err) == (flag is None and native)
+    assert loading.precision(model) == expected
+    assert (f"running in {expected}" in capsys.readouterr().err) == (flag is None and native)

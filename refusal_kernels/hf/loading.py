@@ -54,14 +54,13 @@ def multiplies_bf16_natively(device: str | torch.device) -> bool:
     return False
 
 
-def run_dtype(spec: str | os.PathLike[str], device: str | torch.device = "cpu") -> torch.dtype | None:
-    """The dtype to run a model in when the caller names none: bfloat16 for a GGUF whose matrices
-    are all block-quantized, on a device that multiplies bf16 natively; else None (the
-    checkpoint's own dtype, float32 for a GGUF).
+def matmul_dtype(spec: str | os.PathLike[str], device: str | torch.device = "cpu") -> torch.dtype | None:
+    """The dtype to multiply a model's matrices in when the caller names none (see `cast_matmuls_`):
+    bfloat16 for a GGUF whose matrices are all block-quantized, on a device that multiplies bf16
+    natively; else None (everything in the checkpoint's own dtype, float32 for a GGUF).
 
     bf16 rounds a weight by at most 2^-9 of its value, finer than the grid of any quantized type,
-    while the matmuls run about twice as fast. Activations round to bf16 too, so greedy answers
-    can differ from a float32 run's in a few prompts; pass dtype=torch.float32 to rule that out.
+    while the matmuls run about twice as fast.
     """
     path = Path(spec).expanduser()
     if not (path.is_file() and path.suffix == ".gguf" and multiplies_bf16_natively(device)):
@@ -70,6 +69,59 @@ def run_dtype(spec: str | os.PathLike[str], device: str | torch.device = "cpu") 
 
     types = container.read(path).matrix_types
     return torch.bfloat16 if types and not types & _PLAIN_GGML_TYPES else None
+
+
+# Set on a model by cast_matmuls_: what `precision` says of it.
+_PRECISION = "refusal_kernels_precision"
+
+
+def cast_matmuls_(model: nn.Module, dtype: torch.dtype) -> None:
+    """Store every `nn.Linear` and the token embedding table in `dtype`, and run them in it, while
+    the residual stream, the norms, attention and every other module keep the model's own dtype.
+
+    Each linear layer casts its input to `dtype` and its output back, and the token embedding casts
+    its output back, so the stream never holds `dtype`: a model run wholly in bf16 rounds the stream
+    at every layer, which changes more greedy answers than the matmuls' own rounding does (README,
+    "The main job"). Ties between weights are kept (each parameter is cast in place). In place; a model cast once
+    raises ValueError, a dtype that is not a floating-point torch.dtype TypeError.
+    """
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
+    if hasattr(model, _PRECISION):
+        raise ValueError(f"the model already runs in {getattr(model, _PRECISION)}")
+    stream = _stream_dtype(model)
+    embedding = model.get_input_embeddings()
+    # Only plain nn.Linear: a quantized subclass keeps its own storage and kernels.
+    linears = [module for module in model.modules() if type(module) is nn.Linear]
+    for module in [*linears, embedding]:
+        for param in module.parameters(recurse=False):
+            param.data = param.data.to(dtype)
+
+    def cast_output(module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
+        return output.to(stream)
+
+    for module in linears:
+        module.register_forward_pre_hook(lambda module, args: (args[0].to(module.weight.dtype), *args[1:]))
+        module.register_forward_hook(cast_output)
+    embedding.register_forward_hook(cast_output)
+    setattr(model, _PRECISION, f"{_name(dtype)} matmuls, {_name(stream)} elsewhere")
+
+
+def _stream_dtype(model: nn.Module) -> torch.dtype:
+    dtypes = {param.dtype for param in model.parameters() if param.is_floating_point()}
+    if len(dtypes) != 1:
+        raise ValueError(f"cast_matmuls_ needs a model in one floating-point dtype, got {sorted(map(str, dtypes))}")
+    return dtypes.pop()
+
+
+def precision(model: nn.Module) -> str:
+    """The dtype a model runs in, in words: "float32", or "bfloat16 matmuls, float32 elsewhere"
+    after `cast_matmuls_`."""
+    return getattr(model, _PRECISION, None) or _name(next(model.parameters()).dtype)
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def load_model(

@@ -318,7 +318,7 @@ def abliterate(
     stopwatch.lap("evaluate_after")
     return AbliterationReport(
         source=source,
-        dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
+        dtype=hf.loading.precision(model),
         mode=opts.mode,
         scale=opts.scale,
         direction=direction,
