@@ -3,7 +3,7 @@
 //   1. c = d^T W, each row block summing into its own fp32 buffer of d_in (then combined),
 //      four rows per load and store of the buffer: with one, the buffer's traffic through L2,
 //      not W's, bounds the pass;
-//   2. W[i] -= s * d[i] * c.
+//   2. W[i] -= s * d[i] * c, four rows per load of c (fp32, twice a bf16 row's bytes).
 // Streaming whole rows keeps the hardware prefetchers and the TLB happy. A column-strip
 // schedule, in which pass 2 re-reads each strip from the last-level cache so that W crosses the
 // memory bus once each way, measured no faster here: each row of a strip is a short run on its
@@ -97,11 +97,11 @@ struct Matrices {
 // Pointers to kRows consecutive rows of a matrix from `first`, and a weight for each.
 template <int kRows, typename T>
 struct RowGroup {
-  const T* rows[kRows];
+  T* rows[kRows];
   float weights[kRows];
 
   template <typename Weight>
-  RowGroup(const T* w, int64_t row_stride, int64_t first, const Weight& weight) {
+  RowGroup(T* w, int64_t row_stride, int64_t first, const Weight& weight) {
     for (int r = 0; r < kRows; ++r) {
       rows[r] = w + (first + r) * row_stride;
       weights[r] = weight(first + r);
@@ -117,6 +117,18 @@ void for_each_row(int64_t rows, const Update& update) {
   });
 }
 
+// update.template operator()<k>(first) updates rows first..first+k-1 of a matrix, k =
+// RowBlockSums::kRowsPerStep or 1; called for every row once, in parallel over blocks of rows.
+template <typename Update>
+void for_each_row_group(int64_t rows, const Update& update) {
+  constexpr int kRows = RowBlockSums::kRowsPerStep;
+  at::parallel_for(0, rows, kRows, [&](int64_t begin, int64_t end) {
+    int64_t i = begin;
+    for (; i + kRows <= end; i += kRows) update.template operator()<kRows>(i);
+    for (; i < end; ++i) update.template operator()<1>(i);
+  });
+}
+
 void orthogonalize(at::Tensor& weight, const at::Tensor& direction, double scale) {
   check_orthogonalize(weight, direction, scale);
   const Matrices m(weight, direction);
@@ -128,11 +140,12 @@ void orthogonalize(at::Tensor& weight, const at::Tensor& direction, double scale
     for (int64_t k = 0; k < m.offsets.count(); ++k) {
       scalar_t* w = base + m.offsets.offset(k);
       const float* c = column_sums.sum([&]<int kRows>(int64_t first, float* sums) {
-        const RowGroup<kRows, scalar_t> group(w, m.row_stride, first, [&](int64_t i) { return d[i]; });
+        const RowGroup<kRows, const scalar_t> group(w, m.row_stride, first, [&](int64_t i) { return d[i]; });
         accumulate_rows<kRows>(sums, group.weights, group.rows, m.cols);
       });
-      for_each_row(m.rows, [&](int64_t i) {
-        subtract_scaled(w + i * m.row_stride, s * d[i], c, m.cols);
+      for_each_row_group(m.rows, [&]<int kRows>(int64_t first) {
+        const RowGroup<kRows, scalar_t> group(w, m.row_stride, first, [&](int64_t i) { return s * d[i]; });
+        scale_and_subtract_rows<kRows>(group.rows, 1.f, group.weights, c, m.cols);
       });
     }
   });
@@ -144,7 +157,7 @@ void preserve_column_norms(T* w, const Matrices& m, float s, RowBlockSums& sums)
   const float* d = m.unit.const_data_ptr<float>();
   // sums holds c = d^T W in its first cols floats and the squared column norms after them.
   float* c = sums.sum([&]<int kRows>(int64_t first, float* partial) {
-    const RowGroup<kRows, T> group(w, m.row_stride, first, [&](int64_t i) { return d[i]; });
+    const RowGroup<kRows, const T> group(w, m.row_stride, first, [&](int64_t i) { return d[i]; });
     accumulate_rows_with_squares<kRows>(partial, partial + m.cols, group.weights, group.rows, m.cols);
   });
   float* factor = c + m.cols;
@@ -153,8 +166,9 @@ void preserve_column_norms(T* w, const Matrices& m, float s, RowBlockSums& sums)
     c[j] *= factor[j];
   }
   // W[i, j] <- factor[j] * (W[i, j] - s d[i] c[j]).
-  for_each_row(m.rows, [&](int64_t i) {
-    scale_and_subtract(w + i * m.row_stride, factor, s * d[i], c, m.cols);
+  for_each_row_group(m.rows, [&]<int kRows>(int64_t first) {
+    const RowGroup<kRows, T> group(w, m.row_stride, first, [&](int64_t i) { return s * d[i]; });
+    scale_and_subtract_rows<kRows>(group.rows, factor, group.weights, c, m.cols);
   });
 }
 
@@ -164,7 +178,7 @@ template <typename T>
 void preserve_row_norms(T* w, const Matrices& m, float s, RowBlockSums& sums, float* row_norms) {
   const float* d = m.unit.const_data_ptr<float>();
   const float* c = sums.sum([&]<int kRows>(int64_t first, float* partial) {
-    const RowGroup<kRows, T> group(w, m.row_stride, first, [&](int64_t i) {
+    const RowGroup<kRows, const T> group(w, m.row_stride, first, [&](int64_t i) {
       const T* row = w + i * m.row_stride;
       row_norms[i] = std::sqrt(dot(row, row, m.cols));
       return normalized_row_weight(d[i], row_norms[i]);

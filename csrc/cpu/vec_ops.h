@@ -147,11 +147,15 @@ inline void accumulate_rows_with_squares(float* acc, float* squares, const float
   accumulate_rows_impl<kRows, true>(acc, squares, a, v, n);
 }
 
-// v[i] <- k[i] * v[i] - a * u[i], computed in fp32 and rounded once to T. k is one factor
-// for the whole row (float) or one per element (const float*).
-template <typename T, typename Factor>
-inline void scale_and_subtract(T* v, Factor k, float a, const float* u, int64_t n) {
+// v[r][i] <- k[i] * v[r][i] - a[r] * u[i] over kRows rows, computed in fp32 and rounded once to
+// T. k is one factor for every element (float) or one per element (const float*). u and k are
+// loaded once for all the rows: with one row per call, their traffic through L2 (fp32, twice a
+// bf16 row's bytes) bounds the loop.
+template <int kRows, typename T, typename Factor>
+inline void scale_and_subtract_rows(T* const* v, Factor k, const float* a, const float* u, int64_t n) {
+  constexpr int64_t kVec = FloatVec::size();
   constexpr int64_t kChunk = chunk_size<T>();
+  constexpr int kHalves = std::is_same_v<T, float> ? 1 : 2;
   constexpr bool kPerElement = std::is_pointer_v<Factor>;
   auto factor_at = [&](int64_t j) {
     if constexpr (kPerElement) {
@@ -167,18 +171,32 @@ inline void scale_and_subtract(T* v, Factor k, float a, const float* u, int64_t 
       return FloatVec(k);
     }
   };
-  const FloatVec va(a);
-  auto update = [&](int64_t j, const FloatVec& x) {
-    return at::vec::fnmadd(va, FloatVec::loadu(u + j), factors_at(j) * x);
-  };
-  int64_t i = 0;
-  for (; i + kChunk <= n; i += kChunk) {
-    auto [lo, hi] = load_as_float(v + i);
-    lo = update(i, lo);
-    if constexpr (!std::is_same_v<T, float>) hi = update(i + FloatVec::size(), hi);
-    store_from_float(v + i, lo, hi);
+  FloatVec va[kRows];
+  for (int r = 0; r < kRows; ++r) va[r] = FloatVec(a[r]);
+  int64_t j = 0;
+  for (; j + kChunk <= n; j += kChunk) {
+    FloatVec uj[kHalves];
+    FloatVec kj[kHalves];
+    for (int h = 0; h < kHalves; ++h) {
+      uj[h] = FloatVec::loadu(u + j + h * kVec);
+      kj[h] = factors_at(j + h * kVec);
+    }
+    for (int r = 0; r < kRows; ++r) {
+      auto [lo, hi] = load_as_float(v[r] + j);
+      lo = at::vec::fnmadd(va[r], uj[0], kj[0] * lo);
+      if constexpr (kHalves == 2) hi = at::vec::fnmadd(va[r], uj[1], kj[1] * hi);
+      store_from_float(v[r] + j, lo, hi);
+    }
   }
-  for (; i < n; ++i) v[i] = static_cast<T>(factor_at(i) * static_cast<float>(v[i]) - a * u[i]);
+  for (; j < n; ++j) {
+    for (int r = 0; r < kRows; ++r) v[r][j] = static_cast<T>(factor_at(j) * static_cast<float>(v[r][j]) - a[r] * u[j]);
+  }
+}
+
+// v[i] <- k[i] * v[i] - a * u[i], as scale_and_subtract_rows on one row.
+template <typename T, typename Factor>
+inline void scale_and_subtract(T* v, Factor k, float a, const float* u, int64_t n) {
+  scale_and_subtract_rows<1>(&v, k, &a, u, n);
 }
 
 // v[i] -= a * u[i], computed in fp32 and rounded once to T.
