@@ -80,10 +80,11 @@ def cast_matmuls_(model: nn.Module, dtype: torch.dtype) -> None:
     the residual stream, the norms, attention and every other module keep the model's own dtype.
 
     Each linear layer casts its input to `dtype` and its output back, and the token embedding casts
-    its output back, so the stream never holds `dtype`: a model run wholly in bf16 rounds the stream
-    at every layer, which changes more greedy answers than the matmuls' own rounding does (README,
-    "The main job"). Ties between weights are kept (each parameter is cast in place). In place; a model cast once
-    raises ValueError, a dtype that is not a floating-point torch.dtype TypeError.
+    its output back, so the stream never holds `dtype`: a model run wholly in bf16 rounds the
+    stream at every layer, which changes more greedy answers than the matmuls' own rounding does
+    (README, the main job). Ties between weights are kept (each parameter is cast in place).
+    In place. A model cast once raises ValueError; a dtype that is not a floating-point
+    torch.dtype, TypeError.
     """
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
@@ -91,9 +92,10 @@ def cast_matmuls_(model: nn.Module, dtype: torch.dtype) -> None:
         raise ValueError(f"the model already runs in {getattr(model, _PRECISION)}")
     stream = _stream_dtype(model)
     embedding = model.get_input_embeddings()
+    embeddings = [embedding] if isinstance(embedding, nn.Embedding) else []
     # Only plain nn.Linear: a quantized subclass keeps its own storage and kernels.
     linears = [module for module in model.modules() if type(module) is nn.Linear]
-    for module in [*linears, embedding]:
+    for module in [*linears, *embeddings]:
         for param in module.parameters(recurse=False):
             param.data = param.data.to(dtype)
 
@@ -103,7 +105,8 @@ def cast_matmuls_(model: nn.Module, dtype: torch.dtype) -> None:
     for module in linears:
         module.register_forward_pre_hook(lambda module, args: (args[0].to(module.weight.dtype), *args[1:]))
         module.register_forward_hook(cast_output)
-    embedding.register_forward_hook(cast_output)
+    for module in embeddings:
+        module.register_forward_hook(cast_output)
     setattr(model, _PRECISION, f"{_name(dtype)} matmuls, {_name(stream)} elsewhere")
 
 
